@@ -1,0 +1,318 @@
+"""The on-disk format of a voxel cache: names, layout, versions.
+
+This module is the single owner of the format. The writer (`pipeline`) and every
+reader (`cache_tools`) import it; nothing else spells a path inside a store.
+It needs only the standard library and numpy, so a training process can read a
+cache without zarr.
+
+A cache is a zarr v3 group (a directory)::
+
+    CACHE/
+      zarr.json                      group; attributes["voxel_cache"] = build attrs
+      voxels/                        (N, C, L, L, L), or (N, R, C, L, L, L) with R rotations
+        zarr.json                    sharding_indexed codec, uncompressed inner chunks
+        c/<s>/0/0/0/0                shard s: origins [s*S, s*S + S), then the shard index
+      origins/center_A               (N, 3) float32   voxel grid centre, in Å
+      origins/structure_index        (N,)   int32     row of the structures table
+      origins/crc32                  (N,)   uint32    zlib.crc32 of the origin's stored bytes
+      origins/rotation               (N, R, 3, 3) float32, only when R > 1
+      structures/id_utf8, id_offsets               ragged UTF-8 ids (unique, from file names)
+      structures/source_path_utf8, source_path_offsets
+      structures/source_sha256       (M, 32) uint8
+      structures/atom_count          (M,)   int32     heavy atoms voxelized
+      structures/origin_range        (M, 2) int64     [start, stop); contiguous, tiling 0..N-1
+      structures/split               (M,)   uint8     optional; codes name attrs["splits"]
+      .build/                        resumable build state; removed when the build completes
+
+Inside a shard, origin ``j`` occupies bytes ``[j * B, (j + 1) * B)`` where B is the
+bytes of one origin; the zarr shard index at the end of the file says the same,
+so zarr reads the store normally while a training worker turns an origin id into
+a file and an offset with two integer operations and memory-maps it.
+Every metadata array is a single uncompressed chunk, so it is one raw file too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "voxel-cache"
+FORMAT_VERSION = 1
+ATTRS_KEY = "voxel_cache"
+
+VOXELS = "voxels"
+CENTER = "origins/center_A"
+STRUCTURE_INDEX = "origins/structure_index"
+CRC32 = "origins/crc32"
+ROTATION = "origins/rotation"
+STRUCTURE_ID = "structures/id"                    # ragged: _utf8 + _offsets
+STRUCTURE_SOURCE_PATH = "structures/source_path"  # ragged: _utf8 + _offsets
+STRUCTURE_SHA256 = "structures/source_sha256"
+STRUCTURE_ATOM_COUNT = "structures/atom_count"
+STRUCTURE_ORIGIN_RANGE = "structures/origin_range"
+STRUCTURE_SPLIT = "structures/split"
+BUILD_DIR = ".build"
+
+STORAGE_DTYPES = ("float32", "float16", "uint8")
+UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay below this; see docs
+EMPTY_INDEX_ENTRY = np.uint64(2**64 - 1)  # zarr's marker for "inner chunk absent"
+
+
+class CacheError(Exception):
+    """A cache cannot be used; the message names the cache and the reason."""
+
+
+# --- paths ----------------------------------------------------------------------------
+
+def array_dir(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / name
+
+
+def shard_path(root: str | os.PathLike, shard: int, ndim: int) -> Path:
+    """File holding shard ``shard`` of the voxels array (default chunk key encoding)."""
+    return Path(root, VOXELS, "c", str(shard), *(["0"] * (ndim - 1)))
+
+
+def single_chunk_path(root: str | os.PathLike, name: str, ndim: int) -> Path:
+    return Path(root, name, "c", *(["0"] * ndim))
+
+
+# --- small json helpers ----------------------------------------------------------------
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: missing ({what})") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{path}: unreadable {what}: {exc}") from None
+
+
+# --- reading (numpy only) --------------------------------------------------------------
+
+def read_attrs(root: str | os.PathLike) -> dict:
+    """Return the cache attributes after checking that ``root`` is a cache we can read."""
+    root = Path(root)
+    if not root.exists():
+        raise CacheError(f"{root}: no such cache (path does not exist)")
+    if not root.is_dir():
+        raise CacheError(f"{root}: not a cache (expected a zarr v3 directory store)")
+    meta = read_json(root / "zarr.json", "zarr group metadata")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        raise CacheError(f"{root}: not a zarr v3 group")
+    attrs = meta.get("attributes", {}).get(ATTRS_KEY)
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        raise CacheError(f"{root}: zarr group is not a voxel cache (no '{ATTRS_KEY}' attributes)")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(
+            f"{root}: format version {version} is not supported (this code reads version {FORMAT_VERSION})")
+    return attrs
+
+
+def require_complete(root: str | os.PathLike, attrs: dict) -> None:
+    if not attrs.get("complete"):
+        raise CacheError(f"{root}: build incomplete (still building or interrupted; rerun the same "
+                         "`pipeline build-cache` command to finish it)")
+
+
+def array_meta(root: str | os.PathLike, name: str) -> dict:
+    return read_json(Path(root, name, "zarr.json"), f"metadata of array '{name}'")
+
+
+def _numpy_dtype(meta: dict) -> np.dtype:
+    return np.dtype(meta["data_type"]).newbyteorder("<")
+
+
+def read_array(root: str | os.PathLike, name: str, mmap: bool = True) -> np.ndarray:
+    """Read a single-chunk uncompressed metadata array as numpy, memory-mapped read-only."""
+    meta = array_meta(root, name)
+    shape = tuple(meta["shape"])
+    chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    codecs = [c["name"] for c in meta["codecs"]]
+    if chunk != shape or codecs != ["bytes"]:
+        raise CacheError(f"{root}: array '{name}' is not a single uncompressed chunk")
+    dtype = _numpy_dtype(meta)
+    path = single_chunk_path(root, name, len(shape))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CacheError(f"{root}: array '{name}' has no data file ({path})") from None
+    if size != expected:
+        raise CacheError(f"{root}: array '{name}' is truncated ({size} of {expected} bytes in {path})")
+    if expected == 0:
+        return np.zeros(shape, dtype)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    return np.fromfile(path, dtype=dtype).reshape(shape)
+
+
+def read_ragged_strings(root: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (utf8 bytes, offsets) of a ragged string column; string k is bytes[off[k]:off[k+1]]."""
+    return read_array(root, name + "_utf8"), read_array(root, name + "_offsets")
+
+
+def ragged_item(blob: np.ndarray, offsets: np.ndarray, k: int) -> str:
+    return bytes(blob[int(offsets[k]):int(offsets[k + 1])]).decode("utf-8")
+
+
+def encode_ragged(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in encoded])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return blob, offsets
+
+
+class VoxelLayout:
+    """Where the bytes of each origin live; built from the voxels array metadata.
+
+    Small and picklable: a Dataset carries one of these into its workers.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        meta = array_meta(root, VOXELS)
+        self.root = str(root)
+        self.shape = tuple(int(n) for n in meta["shape"])
+        self.dtype = _numpy_dtype(meta)
+        (codec,) = meta["codecs"]
+        if codec["name"] != "sharding_indexed":
+            raise CacheError(f"{root}: voxels are not stored in the sharded layout")
+        inner = tuple(codec["configuration"]["chunk_shape"])
+        if inner != (1, *self.shape[1:]) or [c["name"] for c in codec["configuration"]["codecs"]] != ["bytes"]:
+            raise CacheError(f"{root}: voxels shards are compressed or oddly chunked; cannot memory-map")
+        self.origins_per_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        self.n_origins = self.shape[0]
+        self.image_shape = self.shape[1:]  # (C, L, L, L) or (R, C, L, L, L)
+        self.origin_nbytes = int(np.prod(self.image_shape)) * self.dtype.itemsize
+        self.n_shards = -(-self.n_origins // self.origins_per_shard)
+
+    def locate(self, origin: int) -> tuple[int, int]:
+        """(shard, byte offset) of an origin's bytes."""
+        shard, j = divmod(origin, self.origins_per_shard)
+        return shard, j * self.origin_nbytes
+
+    def origins_in_shard(self, shard: int) -> int:
+        return min(self.origins_per_shard, self.n_origins - shard * self.origins_per_shard)
+
+    def shard_path(self, shard: int) -> Path:
+        return shard_path(self.root, shard, len(self.shape))
+
+    def shard_nbytes(self, shard: int) -> int:
+        """Exact size of a complete shard file: its origins, then a 16-byte index entry per slot."""
+        return self.origins_in_shard(shard) * self.origin_nbytes + 16 * self.origins_per_shard
+
+    def shard_index(self, shard: int) -> np.ndarray:
+        """The (offset, nbytes) index zarr expects at the end of the shard file."""
+        index = np.full((self.origins_per_shard, 2), EMPTY_INDEX_ENTRY, dtype="<u8")
+        n = self.origins_in_shard(shard)
+        index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(self.origin_nbytes)
+        index[:n, 1] = self.origin_nbytes
+        return index
+
+
+def dequantize_scale(attrs: dict) -> float:
+    """Multiply stored values by this to get float32 voxel values (1.0 unless uint8)."""
+    return float(attrs["params"]["storage"]["scale"])
+
+
+def voxels_array_metadata(n_origins: int, image_shape: tuple[int, ...], dtype: str,
+                          origins_per_shard: int, attributes: dict | None = None) -> dict:
+    """zarr v3 metadata of the voxels array: shards of whole origins, uncompressed."""
+    shape = [n_origins, *image_shape]
+    return {
+        "shape": shape,
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular",
+                       "configuration": {"chunk_shape": [origins_per_shard, *image_shape]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": [1, *image_shape],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "index_location": "end",
+            },
+        }],
+        "attributes": attributes or {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def array_metadata(shape: tuple[int, ...], dtype: str) -> dict:
+    """zarr v3 metadata of a single-chunk, uncompressed array."""
+    return {
+        "shape": list(shape),
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def group_metadata(attrs: dict | None = None) -> dict:
+    return {"zarr_format": 3, "node_type": "group",
+            "attributes": {ATTRS_KEY: attrs} if attrs is not None else {}}
+
+
+def write_array(root: str | os.PathLike, name: str, data: np.ndarray) -> None:
+    """Write a metadata array as one raw chunk plus its zarr.json (data first, then metadata)."""
+    data = np.ascontiguousarray(data)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    adir = Path(root, name)
+    adir.mkdir(parents=True, exist_ok=True)
+    for parent in list(Path(name).parents)[:-1]:  # intermediate groups ("origins", "structures")
+        gpath = Path(root, parent, "zarr.json")
+        if not gpath.exists():
+            write_json_atomic(gpath, group_metadata())
+    chunk = single_chunk_path(root, name, data.ndim)
+    chunk.parent.mkdir(parents=True, exist_ok=True)
+    tmp = chunk.with_name(f".{chunk.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, chunk)
+    write_json_atomic(adir / "zarr.json", array_metadata(data.shape, data.dtype.name))
+
+
+def write_ragged_strings(root: str | os.PathLike, name: str, strings: list[str]) -> None:
+    blob, offsets = encode_ragged(strings)
+    write_array(root, name + "_utf8", blob)
+    write_array(root, name + "_offsets", offsets)
+
+
+def update_attrs(root: str | os.PathLike, **changes: Any) -> dict:
+    """Atomically rewrite the group's cache attributes with ``changes`` applied."""
+    path = Path(root, "zarr.json")
+    meta = read_json(path, "zarr group metadata")
+    attrs = meta.setdefault("attributes", {}).setdefault(ATTRS_KEY, {})
+    attrs.update(changes)
+    write_json_atomic(path, meta)
+    return attrs

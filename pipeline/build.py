@@ -1,0 +1,434 @@
+"""Build orchestration: inputs -> scan (parse + origins) -> layout -> voxelize shards -> publish.
+
+Two phases over a dask.distributed cluster:
+
+1. *scan*, one task per batch of files: parse with gemmi, pick origins, keep the atoms
+   in ``.build/atoms`` and the result in ``.build/scan``. Nothing in the store depends
+   on the order tasks finish in.
+2. *write*, one task per shard: origin ids are assigned from the scan results in input
+   order, so every task knows its shard's origins and writes one file nobody else
+   touches (concurrent partial writes to one shard would corrupt it).
+
+Finished work is recorded per file and per shard, so rerunning the same command
+after a crash resumes, and ends with the same bytes an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import pipeline
+from cache_tools import format as fmt
+from pipeline import write
+from pipeline.origins import OriginRule, pick_origins, read_origins_file
+from pipeline.parse import MMCIF_SUFFIXES, ParseError, file_sha256, parse_atoms, structure_key
+from pipeline.voxelize import ImageSpec, Storage, origin_rotations, rotate_about, voxelize
+
+TARGET_SHARD_BYTES = 256 * 2**20
+SCAN_BATCH = 4  # files per scan task: amortizes task overhead, keeps the progress bar lively
+
+
+class BuildError(Exception):
+    """The build cannot finish; str() is a one-line reason (exit code 1)."""
+
+
+class InputError(BuildError):
+    """The request itself is wrong: a missing path, a conflicting --out (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """Everything that determines the bytes of a cache (compared on resume)."""
+
+    channels: list[list[str]]
+    image: ImageSpec
+    storage: Storage
+    rule: OriginRule
+    rotations: int = 1
+    origins_file: str | None = None
+    origins_per_shard: int = 0  # 0 = automatic
+
+    def fingerprint(self, sources: list[Path]) -> dict:
+        origins_sha = file_sha256(self.origins_file) if self.origins_file else None
+        return {
+            "channels": self.channels,
+            "image": asdict(self.image),
+            "voxelizer": self.image.voxelizer_attrs(),
+            "storage": self.storage.to_attrs(),
+            "origins": (self.rule.to_attrs() if not self.origins_file else
+                        {"rule": "file", "path": str(self.origins_file), "sha256": origins_sha}),
+            "rotations": self.rotations,
+            "origins_per_shard": self.origins_per_shard,
+            "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode()).hexdigest(),
+            "n_inputs": len(sources),
+        }
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    structures_ok: int = 0
+    failures: list[dict] = field(default_factory=list)
+    origins: int = 0
+    bytes_on_disk: int = 0
+    elapsed_s: float = 0.0
+    resumed: bool = False
+    already_complete: bool = False
+    saturated_voxels: int = 0
+
+
+# --- inputs -----------------------------------------------------------------------------
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, directories (recursive) and @list.txt files -> sorted unique absolute paths."""
+    found: set[Path] = set()
+    for item in inputs:
+        if item.startswith("@"):
+            list_file = Path(item[1:])
+            try:
+                lines = list_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise InputError(f"{list_file}: cannot read input list ({exc.strerror or exc})") from None
+            base = list_file.parent
+            entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            found.update(expand_inputs([str(base / e) if not os.path.isabs(e) else e for e in entries]))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            try:
+                os.listdir(path)
+            except PermissionError:
+                raise InputError(f"{path}: directory is not readable (permission denied)") from None
+            for dirpath, _dirs, files in os.walk(path, onerror=_raise_walk_error):
+                for name in files:
+                    if name.lower().endswith(MMCIF_SUFFIXES):
+                        found.add(Path(dirpath, name).absolute())
+        elif path.exists():
+            found.add(path.absolute())
+        else:
+            raise InputError(f"{path}: no such file or directory")
+    return sorted(found)
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise InputError(f"{exc.filename}: cannot list directory ({exc.strerror})")
+
+
+def structure_ids(sources: list[Path]) -> list[str]:
+    """Unique ids from file names; a repeated name gets ``-2``, ``-3``... in input order."""
+    seen: dict[str, int] = {}
+    ids = []
+    for path in sources:
+        key = structure_key(path)
+        seen[key] = seen.get(key, 0) + 1
+        ids.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    return ids
+
+
+# --- tasks (run on dask workers; top-level so they pickle by reference) -----------------
+
+def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
+              rule: OriginRule, listed: dict[str, np.ndarray] | None) -> list[tuple[int, int]]:
+    """Parse files and pick their origins; returns (file index, origins or -1 on failure)."""
+    out = []
+    for index, source, sid in items:
+        try:
+            sha = file_sha256(source)
+        except OSError as exc:
+            sha, reason = "", f"cannot read: {exc.strerror or exc}"
+        else:
+            reason = None
+        n = -1
+        if reason is None:
+            try:
+                atoms = parse_atoms(source, channels)
+                if listed is not None:
+                    centers = listed.get(sid, np.zeros((0, 3)))
+                    if len(centers) == 0:
+                        raise ParseError(f"no origins for id '{sid}' in the --origins file")
+                else:
+                    centers = pick_origins(atoms.xyz, rule, sha)
+                    if len(centers) == 0:
+                        raise ParseError(
+                            f"no origins: no atom has >= {rule.min_neighbors} heavy atoms within "
+                            f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
+                write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
+                                  channel=atoms.channel.astype(np.int8))
+                n = len(centers)
+            except ParseError as exc:
+                reason = str(exc)
+            except Exception as exc:  # gemmi/numpy surprises: one line, never abort the build
+                reason = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if reason is None:
+            write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
+                              n_atoms=np.int64(len(atoms)), sha256=np.array(sha))
+        else:
+            write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha))
+        out.append((index, n))
+    return out
+
+
+def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
+               storage: Storage, rotations: int) -> tuple[int, int, int]:
+    """Voxelize one shard's origins; pieces are (file index, first origin, stop origin)."""
+    layout = fmt.VoxelLayout(root)
+    centers = fmt.read_array(root, fmt.CENTER)
+    mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
+    saturated = 0
+    buffer = np.empty(spec.shape, dtype=np.float32)
+
+    def origin_bytes():
+        nonlocal saturated
+        for index, start, stop in pieces:
+            atoms = write.load_npz(write.atoms_path(root, index))
+            xyz, channel = atoms["xyz"], atoms["channel"].astype(np.int64)
+            for origin in range(start, stop):
+                center = centers[origin].astype(np.float64)
+                parts = []
+                for r in range(rotations):
+                    coords = xyz if r == 0 else rotate_about(xyz, center, mats[origin, r].astype(np.float64))
+                    img = voxelize(coords, channel, center, spec, out=buffer)
+                    stored, sat = storage.encode(img)
+                    saturated += sat
+                    parts.append(stored.tobytes())
+                yield b"".join(parts) if rotations > 1 else parts[0]
+
+    write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated)
+    return shard, layout.origins_in_shard(shard)
+
+
+# --- orchestration ----------------------------------------------------------------------
+
+def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, *,
+                workers: int | None = None, scheduler: str | None = None,
+                overwrite: bool = False, progress: bool = True,
+                log=print) -> BuildSummary:
+    """Build (or resume) the cache at ``out``; see the module docstring."""
+    started = time.time()
+    root = Path(out).absolute()
+    sources = expand_inputs(inputs)
+    if not sources:
+        raise InputError(f"no mmCIF files ({', '.join(MMCIF_SUFFIXES)}) found in {' '.join(inputs)}")
+    ids = structure_ids(sources)
+    listed = None
+    if params.origins_file:
+        try:
+            listed = read_origins_file(params.origins_file)
+        except OSError as exc:
+            raise InputError(f"{params.origins_file}: cannot read origins file ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    fingerprint = params.fingerprint(sources)
+    summary = BuildSummary(out=str(root))
+    summary.resumed = _prepare_store(root, fingerprint, overwrite)
+    attrs = fmt.read_attrs(root)
+    if attrs.get("complete"):
+        summary.already_complete = True
+        return _summarize(root, attrs, summary, started)
+
+    with _dask_client(workers, scheduler) as client:
+        # Phase 1: scan.
+        todo = [(i, str(src), ids[i]) for i, src in enumerate(sources)
+                if not write.scan_path(root, i).exists()]
+        batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
+        listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
+        futures = [client.submit(scan_task, str(root), b, params.channels, params.rule, listed_future,
+                                 pure=False) for b in batches]
+        _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
+             unit="file", progress=progress, weight=len)
+
+        # Layout: origin ids from scan results in input order.
+        table = _collect_scan(root, sources, ids)
+        if table["n_origins"] == 0:
+            raise BuildError("no origins in any input; nothing to build (see the failures above)"
+                             if table["failures"] else "no origins in any input")
+        layout = _write_layout(root, params, table)
+
+        # Phase 2: write shards.
+        pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
+        futures = [client.submit(write_task, str(root), s, _pieces(table, layout, s), params.image,
+                                 params.storage, params.rotations, pure=False) for s in pending]
+        done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
+        _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
+             unit="origin", progress=progress, weight=lambda r: r[1])
+
+    # Publish: checksums, then the completion flag, then drop the build state.
+    done = [write.read_done(root, s) for s in range(layout.n_shards)]
+    fmt.write_array(root, fmt.CRC32, np.concatenate([crc for crc, _ in done]))
+    saturated = sum(sat for _, sat in done)
+    elapsed = time.time() - started
+    attrs = fmt.update_attrs(
+        root, complete=True, failures=table["failures"],
+        build={**(attrs.get("build") or {}),
+               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
+               "saturated_voxels": saturated})
+    shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)
+    return _summarize(root, attrs, summary, started)
+
+
+def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
+    """Create the store, or check an existing one matches; returns True when resuming."""
+    if root.exists():
+        if not root.is_dir():
+            raise InputError(f"{root}: exists and is not a directory")
+        try:
+            attrs = fmt.read_attrs(root)
+        except fmt.CacheError:
+            attrs = None
+        if attrs is not None and attrs.get("params") == fingerprint and not overwrite:
+            return True
+        if attrs is None and any(root.iterdir()):
+            raise InputError(f"{root}: exists and is not a voxel cache; refusing to write into it "
+                             "(choose another --out)")
+        if attrs is not None and not overwrite:
+            changed = sorted(k for k in set(fingerprint) | set(attrs.get("params", {}))
+                             if fingerprint.get(k) != attrs.get("params", {}).get(k))
+            raise InputError(f"{root}: existing cache was built with other parameters or inputs "
+                             f"(differs in: {', '.join(changed)}); pass --overwrite to replace it")
+        if attrs is not None:
+            shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
+    fmt.write_json_atomic(root / "zarr.json", fmt.group_metadata({
+        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "complete": False,
+        "params": fingerprint, "pipeline_version": pipeline.__version__,
+        "build": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }))
+    return False
+
+
+def _collect_scan(root: Path, sources: list[Path], ids: list[str]) -> dict:
+    ok_index, centers, n_atoms, shas, failures = [], [], [], [], []
+    for i, src in enumerate(sources):
+        res = write.load_npz(write.scan_path(root, i))
+        if "reason" in res:
+            failures.append({"path": str(src), "id": ids[i], "reason": str(res["reason"])})
+            continue
+        ok_index.append(i)
+        centers.append(res["centers"])
+        n_atoms.append(int(res["n_atoms"]))
+        shas.append(str(res["sha256"]))
+    counts = np.array([len(c) for c in centers], dtype=np.int64)
+    stops = np.cumsum(counts)
+    return {"file_index": ok_index, "centers": centers, "n_atoms": n_atoms, "sha256": shas,
+            "ranges": np.stack([stops - counts, stops], axis=1) if len(counts) else np.zeros((0, 2), np.int64),
+            "n_origins": int(counts.sum()), "failures": failures,
+            "ids": [ids[i] for i in ok_index], "paths": [str(sources[i]) for i in ok_index]}
+
+
+def origins_per_shard(n_origins: int, origin_nbytes: int) -> int:
+    """Shards of ~256 MiB for big caches; at least 64 shards for small ones (parallel writes)."""
+    return max(1, min(TARGET_SHARD_BYTES // origin_nbytes, -(-n_origins // 64)))
+
+
+def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayout:
+    n = table["n_origins"]
+    image_shape = params.image.shape if params.rotations == 1 else (params.rotations, *params.image.shape)
+    origin_nbytes = int(np.prod(image_shape)) * np.dtype(params.storage.dtype).itemsize
+    per_shard = params.origins_per_shard or origins_per_shard(n, origin_nbytes)
+    structure_index = np.repeat(np.arange(len(table["ids"]), dtype=np.int32),
+                                table["ranges"][:, 1] - table["ranges"][:, 0])
+    fmt.write_array(root, fmt.CENTER, np.concatenate(table["centers"]).astype(np.float32))
+    fmt.write_array(root, fmt.STRUCTURE_INDEX, structure_index)
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_ID, table["ids"])
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH, table["paths"])
+    fmt.write_array(root, fmt.STRUCTURE_SHA256,
+                    np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table["sha256"]]))
+    fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table["n_atoms"], dtype=np.int32))
+    fmt.write_array(root, fmt.STRUCTURE_ORIGIN_RANGE, table["ranges"].astype(np.int64))
+    if params.rotations > 1:
+        mats = np.stack([origin_rotations(params.rule.seed, o, params.rotations) for o in range(n)])
+        fmt.write_array(root, fmt.ROTATION, mats.astype(np.float32))
+    voxels_dir = root / fmt.VOXELS
+    voxels_dir.mkdir(exist_ok=True)
+    fmt.write_json_atomic(voxels_dir / "zarr.json", fmt.voxels_array_metadata(
+        n, image_shape, params.storage.dtype, per_shard))
+    return fmt.VoxelLayout(root)
+
+
+def _pieces(table: dict, layout: fmt.VoxelLayout, shard: int) -> list[tuple[int, int, int]]:
+    """(file index, start, stop) runs of the structures that overlap a shard."""
+    lo = shard * layout.origins_per_shard
+    hi = lo + layout.origins_in_shard(shard)
+    ranges = table["ranges"]
+    first = int(np.searchsorted(ranges[:, 1], lo, side="right"))
+    pieces = []
+    for k in range(first, len(ranges)):
+        start, stop = max(lo, int(ranges[k, 0])), min(hi, int(ranges[k, 1]))
+        if start >= hi:
+            break
+        if start < stop:
+            pieces.append((table["file_index"][k], start, stop))
+    return pieces
+
+
+def _run(futures, *, total: int, initial: int, desc: str, unit: str, progress: bool, weight):
+    """Wait for futures with a tqdm bar; a task error aborts the build with its message."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress,
+              dynamic_ncols=True, smoothing=0.1) as bar:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:
+                for f in futures:
+                    f.cancel()
+                raise BuildError(f"{desc} task failed: {type(exc).__name__}: {exc}") from exc
+            results.append(result)
+            bar.update(weight(result))
+    return results
+
+
+class _dask_client:
+    """A Client on ``scheduler`` (address or DASK_SCHEDULER_ADDRESS), else a LocalCluster."""
+
+    def __init__(self, workers: int | None, scheduler: str | None):
+        self.workers = workers
+        self.scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        self.cluster = None
+        self.client = None
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.scheduler:
+            try:
+                self.client = Client(self.scheduler, timeout="30s")
+            except (OSError, TimeoutError) as exc:
+                raise BuildError(f"cannot connect to dask scheduler {self.scheduler}: {exc}") from None
+            return self.client
+        n = self.workers or max(1, os.cpu_count() or 1)
+        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                    dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        return False
+
+
+def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -> BuildSummary:
+    layout = fmt.VoxelLayout(root)
+    summary.origins = layout.n_origins
+    summary.structures_ok = len(fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT))
+    summary.failures = attrs.get("failures", [])
+    summary.bytes_on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    summary.elapsed_s = time.time() - started
+    summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
+    return summary

@@ -1,0 +1,158 @@
+"""`pipeline`: build voxel caches from mmCIF files.
+
+Exit codes of `pipeline build-cache`:
+  0  the cache is complete (inputs that failed, if any, are listed and recorded in it);
+  1  the build could not finish (no origins in any input, a task error, a full disk);
+  2  usage error: bad arguments, a missing input path, an --out that conflicts;
+  130 interrupted (rerun the same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cache_tools.format import STORAGE_DTYPES, UINT8_DEFAULT_MAX
+
+
+def _add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="mmCIF files (.cif, .cif.gz, .mmcif), directories searched recursively, "
+                        "or @list.txt with one path per line")
+    p.add_argument("--out", required=True, metavar="CACHE", help="the zarr v3 store to write (a directory)")
+    g = p.add_argument_group("image")
+    g.add_argument("--grid-voxels", type=int, default=21, help="voxels per side (default: %(default)s)")
+    g.add_argument("--resolution", type=float, default=1.0, help="Å per voxel (default: %(default)s)")
+    g.add_argument("--channels", default="C,N,O,*",
+                   help="element groups, one channel each; '|' joins elements, '*' takes the rest "
+                        "(default: %(default)s)")
+    g.add_argument("--atom-radius", type=float, default=0.5, help="atom radius in Å (default: %(default)s)")
+    g.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
+                   help="storage dtype (default: %(default)s); uint8 stores round(v / scale)")
+    g.add_argument("--uint8-max", type=float, default=UINT8_DEFAULT_MAX,
+                   help="with --dtype uint8: the value stored as 255; larger values saturate "
+                        "(counted in the summary) (default: %(default)s)")
+    g.add_argument("--rotations", type=int, default=1,
+                   help="images per origin: the canonical one plus K-1 seeded random rotations "
+                        "(atoms rotated before voxelizing) (default: %(default)s)")
+    g = p.add_argument_group("origins")
+    g.add_argument("--min-neighbors", type=int, default=30,
+                   help="a candidate atom has at least this many heavy atoms within --neighbor-radius "
+                        "(default: %(default)s)")
+    g.add_argument("--neighbor-radius", type=float, default=6.0, help="Å (default: %(default)s)")
+    g.add_argument("--min-spacing", type=float, default=6.0,
+                   help="no two origins of a structure closer than this, Å (default: %(default)s)")
+    g.add_argument("--max-origins-per-structure", type=int, default=1000,
+                   help="0 for no cap (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of origin thinning and rotations (default: %(default)s)")
+    g.add_argument("--origins", metavar="FILE",
+                   help="CSV 'structure_id,x,y,z' of origins to use instead of the neighbour rule")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local dask worker processes, one thread each (default: all cores)")
+    g.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="use an existing dask cluster, e.g. tcp://host:8786 (or set DASK_SCHEDULER_ADDRESS); "
+                        "--out must be on a filesystem every worker sees")
+    g.add_argument("--origins-per-shard", type=int, default=0,
+                   help="origins per shard file (default: automatic, ~256 MiB shards)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing cache built with other parameters")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("build-cache", help="voxelize every origin of the inputs into a cache",
+                       description="Parse mmCIF files, pick origins, voxelize each once with "
+                                   "macromol_voxelize and write a memory-mappable zarr v3 cache. "
+                                   "Rerun the same command to resume an interrupted build.",
+                       epilog=__doc__.split("\n", 2)[2],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_build_arguments(p)
+    return parser
+
+
+def _params(args: argparse.Namespace):
+    from pipeline.build import BuildParams
+    from pipeline.origins import OriginRule
+    from pipeline.parse import parse_channels
+    from pipeline.voxelize import ImageSpec, Storage
+
+    channels = parse_channels(args.channels)
+    for name, value, low in (("--grid-voxels", args.grid_voxels, 1), ("--rotations", args.rotations, 1),
+                             ("--resolution", args.resolution, 1e-9), ("--atom-radius", args.atom_radius, 1e-9),
+                             ("--uint8-max", args.uint8_max, 1e-9), ("--min-spacing", args.min_spacing, 0),
+                             ("--max-origins-per-structure", args.max_origins_per_structure, 0),
+                             ("--origins-per-shard", args.origins_per_shard, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {value}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    return BuildParams(
+        channels=channels,
+        image=ImageSpec(args.grid_voxels, args.resolution, len(channels), args.atom_radius),
+        storage=Storage(args.dtype, args.uint8_max),
+        rule=OriginRule(args.min_neighbors, args.neighbor_radius, args.min_spacing,
+                        args.max_origins_per_structure, args.seed),
+        rotations=args.rotations,
+        origins_file=os.path.abspath(args.origins) if args.origins else None,
+        origins_per_shard=args.origins_per_shard,
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from pipeline.build import BuildError, InputError, build_cache
+
+    try:
+        params = _params(args)
+    except ValueError as exc:
+        print(f"pipeline build-cache: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = build_cache(args.inputs, args.out, params, workers=args.workers,
+                              scheduler=args.scheduler, overwrite=args.overwrite, progress=not args.quiet)
+    except BuildError as exc:
+        print(f"pipeline build-cache: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 1
+    except OSError as exc:  # e.g. disk full while writing: the store stays resumable
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"pipeline build-cache: {exc.strerror or exc}{where}; free space and rerun the same "
+              "command to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pipeline build-cache: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    for failure in summary.failures:
+        print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
+    state = ("already complete, nothing to do" if summary.already_complete
+             else "resumed and completed" if summary.resumed else "complete")
+    print(f"{summary.out}: {state}\n"
+          f"  structures: {summary.structures_ok} ok, {len(summary.failures)} failed\n"
+          f"  origins:    {summary.origins}\n"
+          f"  size:       {_human(summary.bytes_on_disk)} ({params.storage.dtype})\n"
+          f"  elapsed:    {summary.elapsed_s:.1f} s" +
+          (f"\n  saturated:  {summary.saturated_voxels} voxels clipped at --uint8-max {params.storage.uint8_max}"
+           if summary.saturated_voxels else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "build-cache":
+        return run_build(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Crash-safe writes into a cache under construction.
+
+Everything a task writes goes to a temporary name and is published with
+``os.replace``, data before the marker that says it is done, so a build killed at
+any instant leaves only finished files or ignorable temporaries, and a rerun
+redoes exactly the unfinished work.
+
+Build state lives in ``CACHE/.build/``:
+  scan/<i>.npz     per input file i: structure result (centres, atom count, hash) or failure
+  atoms/<i>.npz    per input file i: the parsed atoms, so the write phase never re-parses
+  done/<s>.npz     per shard s: the origins' crc32s and saturated-voxel count; present only
+                   once the shard file is published
+"""
+from __future__ import annotations
+
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from cache_tools import format as fmt
+
+
+def build_dir(root: str | os.PathLike, *parts: str) -> Path:
+    return Path(root, fmt.BUILD_DIR, *parts)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def publish_bytes(path: Path, chunks) -> None:
+    """Write an iterable of byte buffers to ``path`` atomically (fsync, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def scan_path(root, file_index: int) -> Path:
+    return build_dir(root, "scan", f"{file_index}.npz")
+
+
+def atoms_path(root, file_index: int) -> Path:
+    return build_dir(root, "atoms", f"{file_index}.npz")
+
+
+def done_path(root, shard: int) -> Path:
+    return build_dir(root, "done", f"{shard}.npz")
+
+
+def shard_is_done(root, layout: fmt.VoxelLayout, shard: int) -> bool:
+    """A shard is done when its marker exists and its file has exactly the expected size."""
+    path = layout.shard_path(shard)
+    return (done_path(root, shard).exists() and path.exists()
+            and path.stat().st_size == layout.shard_nbytes(shard))
+
+
+def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lambda: 0) -> np.ndarray:
+    """Write shard ``shard`` from an iterable of each origin's stored bytes; return their crc32s.
+
+    ``saturated()`` is asked after the last origin for the count of clipped voxels.
+
+    The shard file is published before its done-marker, so a marker never points at
+    a half-written shard.
+    """
+    crcs = np.zeros(layout.origins_in_shard(shard), dtype=np.uint32)
+
+    def chunks():
+        count = 0
+        for j, buf in enumerate(origin_bytes):
+            if len(buf) != layout.origin_nbytes:
+                raise ValueError(f"origin {shard * layout.origins_per_shard + j}: "
+                                 f"{len(buf)} bytes, expected {layout.origin_nbytes}")
+            crcs[j] = zlib.crc32(buf)
+            count += 1
+            yield buf
+        if count != len(crcs):
+            raise ValueError(f"shard {shard}: {count} origins written, expected {len(crcs)}")
+        yield layout.shard_index(shard).tobytes()
+
+    publish_bytes(layout.shard_path(shard), chunks())
+    publish_npz(done_path(layout.root, shard), crc32=crcs, saturated=np.int64(saturated()))
+    return crcs
+
+
+def read_done(root, shard: int) -> tuple[np.ndarray, int]:
+    """(crc32s, saturated voxels) recorded when the shard was published."""
+    done = load_npz(done_path(root, shard))
+    return done["crc32"], int(done["saturated"])
