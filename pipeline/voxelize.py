@@ -93,7 +93,7 @@ class Storage:
         if self.dtype == "uint8":
             return self.scale / 2  # for values <= uint8_max; larger values saturate (counted)
         if self.dtype == "float16":
-            return "relative 2**-11 (float16 rounding)"
+            return "relative 2**-11, absolute 2**-25 below 6.1e-5 (float16 rounding)"
         return 0.0
 
     def encode(self, img: np.ndarray) -> tuple[np.ndarray, int]:

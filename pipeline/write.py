@@ -28,7 +28,17 @@ def build_dir(root: str | os.PathLike, *parts: str) -> Path:
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A unique temporary name in the store's .build/tmp (same filesystem, so rename is atomic).
+
+    Keeping temporaries out of the published tree means a killed writer never leaves
+    litter among the chunk files; the build removes .build/ when it completes.
+    """
+    for parent in path.parents:
+        if (parent / fmt.BUILD_DIR).is_dir():
+            tmp_dir = parent / fmt.BUILD_DIR / "tmp"
+            tmp_dir.mkdir(exist_ok=True)
+            return tmp_dir / f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    raise FileNotFoundError(f"{path}: not inside a cache under construction (no {fmt.BUILD_DIR}/)")
 
 
 def publish_bytes(path: Path, chunks) -> None:

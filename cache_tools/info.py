@@ -1,0 +1,115 @@
+"""`cache-tools info CACHE`: what a cache holds, read from its metadata alone (numpy only)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cache_tools import format as fmt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", metavar="CACHE", help="path of the zarr store")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cache_info(root: str | Path) -> dict:
+    """A JSON-ready description of the cache; works on an incomplete build too."""
+    root = Path(root)
+    attrs = fmt.read_attrs(root)
+    params = attrs["params"]
+    info: dict = {
+        "path": str(root.absolute()),
+        "complete": bool(attrs.get("complete")),
+        "format_version": attrs["format_version"],
+        "pipeline_version": attrs.get("pipeline_version"),
+        "grid": {"voxels_per_side": params["image"]["grid_voxels"],
+                 "resolution_A": params["image"]["resolution_A"]},
+        "channels": params["channels"],
+        "atom_radius_A": params["image"]["atom_radius_A"],
+        "voxelizer": params["voxelizer"],
+        "storage": params["storage"],
+        "rotations": params["rotations"],
+        "origins_rule": params["origins"],
+        "inputs": params["n_inputs"],
+        "build": attrs.get("build", {}),
+        "failures": attrs.get("failures", []),
+        "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+    }
+    if (root / fmt.VOXELS / "zarr.json").exists():
+        layout = fmt.VoxelLayout(root)
+        info.update(origins=layout.n_origins, image_shape=list(layout.image_shape),
+                    bytes_per_origin=layout.origin_nbytes, shards=layout.n_shards,
+                    origins_per_shard=layout.origins_per_shard)
+        counts = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
+        info["structures"] = len(counts)
+        ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+        per = ranges[:, 1] - ranges[:, 0]
+        info["origins_per_structure"] = {"min": int(per.min()), "median": float(np.median(per)),
+                                         "max": int(per.max())}
+        if (root / fmt.STRUCTURE_SPLIT).exists():
+            codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
+            names = attrs.get("splits", [])
+            info["splits"] = {name: {"structures": int((codes == i).sum()),
+                                     "origins": int(per[codes == i].sum())}
+                              for i, name in enumerate(names)}
+    return info
+
+
+def format_info(info: dict) -> str:
+    lines = [f"{info['path']}: {'complete' if info['complete'] else 'INCOMPLETE (build not finished)'}"]
+    grid = info["grid"]
+    lines.append(f"  grid:       {grid['voxels_per_side']}^3 voxels at {grid['resolution_A']} Å, "
+                 f"atom radius {info['atom_radius_A']} Å")
+    lines.append(f"  channels:   {', '.join('|'.join(c) for c in info['channels'])}")
+    storage = info["storage"]
+    lines.append(f"  storage:    {storage['dtype']} (scale {storage['scale']:.6g}, "
+                 f"max abs error {storage['max_abs_error']})")
+    vox = info["voxelizer"]
+    lines.append(f"  voxelizer:  {vox['name']} {vox['version']} ({vox['fill_algorithm']}, {vox['agg_algorithm']})")
+    rule = info["origins_rule"]
+    lines.append("  origins by: " + ", ".join(f"{k}={v}" for k, v in rule.items()))
+    if info["rotations"] > 1:
+        lines.append(f"  rotations:  {info['rotations']} images per origin")
+    if "origins" in info:
+        ops = info["origins_per_structure"]
+        lines.append(f"  structures: {info['structures']} ok, {len(info['failures'])} failed "
+                     f"(of {info['inputs']} inputs)")
+        lines.append(f"  origins:    {info['origins']} (per structure: min {ops['min']}, "
+                     f"median {ops['median']:g}, max {ops['max']})")
+        lines.append(f"  layout:     {info['shards']} shards of {info['origins_per_shard']} origins, "
+                     f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
+    for name, split in info.get("splits", {}).items():
+        lines.append(f"  split {name}: {split['structures']} structures, {split['origins']} origins")
+    lines.append(f"  on disk:    {human_bytes(info['bytes_on_disk'])}")
+    build = info["build"]
+    if build.get("finished"):
+        lines.append(f"  built:      {build['finished']} by pipeline {info['pipeline_version']}")
+    if build.get("saturated_voxels"):
+        lines.append(f"  saturated:  {build['saturated_voxels']} voxels clipped to the uint8 maximum")
+    for failure in info["failures"][:20]:
+        lines.append(f"  failed:     {failure['path']}: {failure['reason']}")
+    if len(info["failures"]) > 20:
+        lines.append(f"  ... and {len(info['failures']) - 20} more failures (--json lists all)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        info = cache_info(args.cache)
+    except fmt.CacheError as exc:
+        print(f"cache-tools info: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0

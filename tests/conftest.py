@@ -1,0 +1,58 @@
+"""Shared fixtures: small real caches built from the bundled mmCIF files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import BuildParams, build_cache
+from pipeline.origins import OriginRule
+from pipeline.parse import parse_channels
+from pipeline.voxelize import ImageSpec, Storage
+
+DATA = Path(__file__).parent / "data" / "mmcif"
+SMALL_FILES = ["1aa5.cif.gz", "171l.cif.gz", "1c58.cif.gz", "3fy3.cif.gz", "1qjg_clean.cif"]
+
+
+def small_params(dtype: str = "float32", rotations: int = 1, grid: int = 11, max_origins: int = 12,
+                 **kw) -> BuildParams:
+    channels = parse_channels("C,N,O,*")
+    return BuildParams(channels=channels, image=ImageSpec(grid, 1.0, len(channels), 0.5),
+                       storage=Storage(dtype), rule=OriginRule(max_per_structure=max_origins),
+                       rotations=rotations, **kw)
+
+
+def build_small(out: Path, files=SMALL_FILES, workers: int = 1, **kw):
+    return build_cache([str(DATA / f) for f in files], out, small_params(**kw), workers=workers,
+                       progress=False)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def cache_factory(tmp_path_factory):
+    """Build (once per session) a small cache for each storage dtype / rotation count asked for."""
+    built: dict[tuple, Path] = {}
+
+    def make(dtype: str = "float32", rotations: int = 1) -> Path:
+        key = (dtype, rotations)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"cache-{dtype}-{rotations}") / "cache.zarr"
+            build_small(out, workers=2, dtype=dtype, rotations=rotations)
+            built[key] = out
+        return built[key]
+
+    return make
+
+
+@pytest.fixture()
+def copy_of():
+    """Copy a built cache to a scratch location so a test may damage it."""
+    def copy(src: Path, dst: Path) -> Path:
+        shutil.copytree(src, dst)
+        return dst
+    return copy

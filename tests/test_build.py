@@ -1,0 +1,205 @@
+"""build-cache on real mmCIF files with a real dask LocalCluster."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import macromol_voxelize as mmvox
+import numpy as np
+import polars as pl
+import pytest
+import zarr
+
+from cache_tools import format as fmt
+from pipeline.build import InputError, build_cache
+from pipeline.parse import parse_atoms, parse_channels
+
+from conftest import DATA, SMALL_FILES, build_small, small_params
+
+CHANNELS = parse_channels("C,N,O,*")
+
+
+def reference_image(source: str, center: np.ndarray, grid: int, rotation=None) -> np.ndarray:
+    """macromol_voxelize's public API on the parsed atoms: what the cache must hold."""
+    atoms = parse_atoms(source, CHANNELS)
+    xyz = atoms.xyz
+    c = center.astype(np.float64)
+    if rotation is not None:
+        xyz = (xyz - c) @ rotation.astype(np.float64).T + c
+    df = pl.DataFrame({"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
+                       "channels": [[int(ch)] for ch in atoms.channel]}).with_columns(radius_A=0.5)
+    img, _ = mmvox.image_from_atoms(df, mmvox.ImageParams(channels=4, grid=mmvox.Grid(grid, 1.0, c)))
+    return img
+
+
+def structure_of(group, origin: int) -> tuple[str, np.ndarray]:
+    k = int(group["origins/structure_index"][origin])
+    blob, off = group["structures/source_path_utf8"][:], group["structures/source_path_offsets"][:]
+    return bytes(blob[off[k]:off[k + 1]]).decode(), group["structures/origin_range"][k]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+def test_stored_images_equal_macromol_voxelize(cache_factory, dtype):
+    root = cache_factory(dtype)
+    group = zarr.open_group(str(root), mode="r")
+    voxels = group["voxels"]
+    attrs = group.attrs[fmt.ATTRS_KEY]
+    assert attrs["complete"] is True and voxels.dtype == np.dtype(dtype)
+    scale = attrs["params"]["storage"]["scale"]
+    n = voxels.shape[0]
+    assert n >= 40 and voxels.shape[1:] == (4, 11, 11, 11)
+    rng = np.random.default_rng(1)
+    for origin in rng.choice(n, size=20, replace=False):
+        source, _ = structure_of(group, origin)
+        expected = reference_image(source, group["origins/center_A"][origin], 11)
+        stored = voxels[origin].astype(np.float32) * np.float32(scale)
+        if dtype == "float32":
+            assert np.array_equal(stored, expected)
+        elif dtype == "float16":
+            assert np.allclose(stored, expected, rtol=2**-11, atol=2**-25)
+        else:
+            assert np.abs(stored - expected).max() <= attrs["params"]["storage"]["max_abs_error"] + 1e-7
+        assert expected.sum() > 10  # a real image: the centre is on an atom
+
+
+def test_origins_contiguous_and_on_atoms(cache_factory):
+    root = cache_factory()
+    group = zarr.open_group(str(root), mode="r")
+    ranges = group["structures/origin_range"][:]
+    sindex = group["origins/structure_index"][:]
+    centers = group["origins/center_A"][:]
+    assert ranges[0, 0] == 0 and ranges[-1, 1] == len(sindex)
+    assert np.array_equal(ranges[1:, 0], ranges[:-1, 1])  # tiles 0..N-1, no gap or overlap
+    for k, (start, stop) in enumerate(ranges):
+        assert stop > start and np.all(sindex[start:stop] == k)
+        source, _ = structure_of(group, start)
+        atoms = parse_atoms(source, CHANNELS).xyz
+        dist = np.linalg.norm(atoms[None, :, :] - centers[start:stop, None, :], axis=2).min(axis=1)
+        assert dist.max() < 1e-3  # every centre is one of this structure's atoms
+    ids = [fmt.ragged_item(*fmt.read_ragged_strings(root, fmt.STRUCTURE_ID), k) for k in range(len(ranges))]
+    assert ids == ["171l", "1aa5", "1c58", "1qjg_clean", "3fy3"]
+
+
+def test_crc_and_metadata_readable_without_zarr(cache_factory):
+    root = cache_factory()
+    layout = fmt.VoxelLayout(root)
+    crc = fmt.read_array(root, fmt.CRC32)
+    import zlib
+    for origin in (0, layout.n_origins // 2, layout.n_origins - 1):
+        shard, offset = layout.locate(origin)
+        with open(layout.shard_path(shard), "rb") as fh:
+            fh.seek(offset)
+            assert zlib.crc32(fh.read(layout.origin_nbytes)) == crc[origin]
+    assert not (root / fmt.BUILD_DIR).exists()
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store, with build timestamps removed from the root attributes."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = str(path.relative_to(root))
+            data = path.read_bytes()
+            if rel == "zarr.json":
+                meta = json.loads(data)
+                meta["attributes"][fmt.ATTRS_KEY].pop("build")
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[rel] = data
+    return files
+
+
+def test_one_and_two_workers_identical(tmp_path, cache_factory):
+    one = tmp_path / "one.zarr"
+    build_small(one, workers=1)
+    a, b = store_files(one), store_files(cache_factory())
+    assert a.keys() == b.keys() and len(a) > 20
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_kill_mid_build_then_rerun_is_identical(tmp_path):
+    args = [sys.executable, "-m", "pipeline.cli", "build-cache", *[str(DATA / f) for f in SMALL_FILES],
+            "--grid-voxels", "17", "--max-origins-per-structure", "30", "--origins-per-shard", "3",
+            "--workers", "1", "--quiet"]
+    reference = tmp_path / "ref.zarr"
+    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
+    killed = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([*args, "--out", str(killed)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = killed / fmt.BUILD_DIR / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done_dir.exists() and len(list(done_dir.glob("*.npz"))) >= 3):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its dask workers, mid-write
+    proc.wait()
+    n_done = len(list(done_dir.glob("*.npz")))
+    n_shards = fmt.VoxelLayout(killed).n_shards
+    assert 3 <= n_done < n_shards, "the kill should land mid-way through the write phase"
+    assert fmt.read_attrs(killed)["complete"] is False
+    rerun = subprocess.run([*args, "--out", str(killed)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed and completed" in rerun.stdout
+    a, b = store_files(reference), store_files(killed)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_bad_files_are_listed_and_the_rest_builds(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = (DATA / "1aa5.cif.gz").read_bytes()
+    (src / "1aa5.cif.gz").write_bytes(good)
+    (src / "trunc.cif.gz").write_bytes((DATA / "171l.cif.gz").read_bytes()[:5000])
+    (src / "empty.cif").write_bytes(b"")
+    (src / "smallmol.cif").write_text(
+        "data_nacl\n_cell_length_a 5.64\n_cell_length_b 5.64\n_cell_length_c 5.64\n"
+        "loop_\n_atom_site_label\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+        "Na1 0 0 0\nCl1 0.5 0.5 0.5\n")
+    out = tmp_path / "c.zarr"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "build-cache", str(src), "--out", str(out),
+                           "--grid-voxels", "9", "--workers", "1", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    failed = sorted(line for line in proc.stderr.splitlines() if line.startswith("FAILED"))
+    assert len(failed) == 3
+    assert "empty.cif: empty file" in failed[0]
+    assert "smallmol.cif: small-molecule CIF without an _atom_site table" in failed[1]
+    assert "trunc.cif.gz: corrupt or truncated gzip" in failed[2]
+    attrs = fmt.read_attrs(out)
+    assert sorted(Path(f["path"]).name for f in attrs["failures"]) == ["empty.cif", "smallmol.cif", "trunc.cif.gz"]
+    ids = fmt.read_ragged_strings(out, fmt.STRUCTURE_ID)
+    assert fmt.ragged_item(*ids, 0) == "1aa5" and len(fmt.read_array(out, fmt.STRUCTURE_ATOM_COUNT)) == 1
+
+
+def test_existing_store_with_other_params_is_refused(tmp_path, cache_factory):
+    out = tmp_path / "c.zarr"
+    build_small(out, files=["1aa5.cif.gz"])
+    files = [str(DATA / "1aa5.cif.gz")]
+    with pytest.raises(InputError, match="other parameters.*image.*--overwrite"):
+        build_cache(files, out, small_params(grid=13), workers=1, progress=False)
+    again = build_cache(files, out, small_params(), workers=1, progress=False)
+    assert again.already_complete
+    replaced = build_cache(files, out, small_params(grid=13), workers=1, progress=False, overwrite=True)
+    assert fmt.VoxelLayout(out).image_shape == (4, 13, 13, 13) and replaced.origins == again.origins
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "build-cache", *argv],
+                              capture_output=True, text=True)
+    missing = run(str(tmp_path / "nope"), "--out", str(tmp_path / "x.zarr"))
+    assert missing.returncode == 2 and "nope: no such file or directory" in missing.stderr
+    (tmp_path / "notacache").mkdir()
+    (tmp_path / "notacache" / "precious.txt").write_text("keep me")
+    conflict = run(str(DATA / "1aa5.cif.gz"), "--out", str(tmp_path / "notacache"), "--overwrite")
+    assert conflict.returncode == 2 and "is not a voxel cache; refusing" in conflict.stderr
+    assert (tmp_path / "notacache" / "precious.txt").read_text() == "keep me"
+    bad = run(str(DATA / "1aa5.cif.gz"), "--out", str(tmp_path / "y.zarr"), "--grid-voxels", "0")
+    assert bad.returncode == 2 and "--grid-voxels must be positive" in bad.stderr
+    for proc in (missing, conflict, bad):
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
