@@ -1,0 +1,208 @@
+"""`VoxelCacheDataset`: training samples straight from memory-mapped cache files.
+
+Why it stays small in every DataLoader worker:
+- the constructor reads only the cache attributes and array headers; every file map
+  and metadata array is opened lazily, in the process that uses it, and reopened
+  after a fork or unpickle (it is never inherited from the parent);
+- per-origin metadata are read-only ``np.memmap`` arrays, and image bytes are views of
+  the shard files, so what a worker touches are page-cache pages shared by all
+  workers; nothing per item is kept, and no cache grows;
+- the object pickles to a few hundred bytes, so spawn and forkserver work too.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cache_tools import format as fmt
+from cache_tools.rotations import N_CUBE_ROTATIONS, rotate_view
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over a few integers: a cheap, reproducible per-sample random number."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h
+
+
+class VoxelCacheDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a voxel cache (or one split of it).
+
+    ``ds[i]`` is a dict: ``image`` float32 tensor [C, L, L, L] (dequantized, the
+    caller's to modify), ``origin_id`` int, ``structure_index`` int, ``center_A``
+    float32 tensor [3], ``rotation`` int (stored rotation used, or 0).
+
+    ``rotate=True`` applies one of the 24 exact cube rotations; with a cache built
+    with ``--rotations K`` one stored rotation is picked too. Both choices are
+    reproducible functions of (seed, epoch, index); call :meth:`set_epoch` each
+    epoch (it reaches persistent workers through a shared-memory counter).
+    ``transform`` is applied to the image tensor. ``verify=True`` checks each
+    origin's crc32 as it is read.
+    """
+
+    def __init__(self, cache: str | os.PathLike, split: str | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 rotate: bool = False, seed: int = 0, verify: bool = False):
+        self.root = str(Path(cache).absolute())
+        attrs = fmt.read_attrs(self.root)
+        fmt.require_complete(self.root, attrs)
+        self.layout = fmt.VoxelLayout(self.root)
+        self.scale = fmt.dequantize_scale(attrs)
+        self.n_rotations = int(attrs["params"]["rotations"])
+        self.channels: list[list[str]] = attrs["params"]["channels"]
+        self.split = split
+        self.split_code: int | None = None
+        if split is not None:
+            names = attrs.get("splits") or []
+            if split not in names:
+                raise fmt.CacheError(f"{self.root}: no split named {split!r} (available: "
+                                     f"{', '.join(names) or 'none; run `cache-tools split`'})")
+            self.split_code = names.index(split)
+        self.transform = transform
+        self.rotate = rotate
+        self.seed = seed
+        self.verify = verify
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._len = self.layout.n_origins if split is None else int(self._split_table()[1][-1])
+        self._state: dict[str, Any] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_state"] = None  # maps and arrays are reopened where they are used
+        return state
+
+    def _open(self) -> dict[str, Any]:
+        """Per-process state: opened on first use in each process, never inherited."""
+        root = self.root
+        state = {
+            "pid": os.getpid(),
+            "maps": [None] * self.layout.n_shards,
+            "structure_index": fmt.read_array(root, fmt.STRUCTURE_INDEX),
+            "center": fmt.read_array(root, fmt.CENTER),
+            "crc": fmt.read_array(root, fmt.CRC32) if self.verify else None,
+            "split": self._split_table() if self.split is not None else None,
+        }
+        self._state = state
+        return state
+
+    def _local(self) -> dict[str, Any]:
+        state = self._state
+        return state if state is not None and state["pid"] == os.getpid() else self._open()
+
+    def _split_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first origin of each structure in the split, cumulative origin counts with a 0)."""
+        codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
+        ranges = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)[codes == self.split_code]
+        cumulative = np.zeros(len(ranges) + 1, dtype=np.int64)
+        np.cumsum(ranges[:, 1] - ranges[:, 0], out=cumulative[1:])
+        return np.ascontiguousarray(ranges[:, 0]), cumulative
+
+    def _shard(self, state: dict, shard: int, origin: int) -> np.ndarray:
+        """The shard's origins as an array (S, *image_shape) over the file, mapped once."""
+        path = self.layout.shard_path(shard)
+        expected = self.layout.shard_nbytes(shard)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is missing") from None
+        if size != expected:
+            raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is truncated "
+                                 f"or damaged ({size} bytes, expected {expected})")
+        n = self.layout.origins_in_shard(shard)
+        array = np.memmap(path, dtype=self.layout.dtype, mode="r", shape=(n, *self.layout.image_shape))
+        state["maps"][shard] = array
+        return array
+
+    # --- public API --------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch for rotations; seen by already-running workers too."""
+        self._epoch.fill_(int(epoch))
+
+    def origin_id(self, index: int) -> int:
+        """Global origin id of sample ``index`` of this dataset (split)."""
+        state = self._local()
+        if not -self._len <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self._len} samples"
+                             + (f" in split {self.split!r}" if self.split else ""))
+        index %= self._len
+        if state["split"] is None:
+            return index
+        starts, cumulative = state["split"]
+        k = int(np.searchsorted(cumulative, index, side="right")) - 1
+        return int(starts[k]) + index - int(cumulative[k])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        origin = self.origin_id(int(index))
+        state = self._state  # opened for this process by origin_id()
+        shard, j = divmod(origin, self.layout.origins_per_shard)
+        array = state["maps"][shard]
+        if array is None:
+            array = self._shard(state, shard, origin)
+        stored = array[j]
+        if self.verify and zlib.crc32(stored) != int(state["crc"][origin]):
+            raise fmt.CacheError(f"{self.root}: origin {origin}: checksum mismatch in "
+                                 f"{self.layout.shard_path(shard)} (damaged cache; run cache-tools check)")
+        rotation = 0
+        if self.n_rotations > 1:
+            rotation = _mix(self.seed, int(self._epoch), index, 1) % self.n_rotations
+            stored = stored[rotation]
+        if self.rotate:
+            stored = rotate_view(stored, _mix(self.seed, int(self._epoch), index, 2) % N_CUBE_ROTATIONS)
+        image = torch.empty(stored.shape, dtype=torch.float32)
+        out = image.numpy()
+        np.copyto(out, stored, casting="safe")  # the one copy; also dequantizes and rotates
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "origin_id": origin,
+                "structure_index": int(state["structure_index"][origin]),
+                "center_A": torch.from_numpy(np.array(state["center"][origin])),
+                "rotation": rotation}
+
+    def origins_of_structure(self, k: int) -> range:
+        """Origin ids of structure ``k`` (contiguous by construction)."""
+        start, stop = self._structure_ranges()[k]
+        return range(int(start), int(stop))
+
+    def structure_id(self, k: int) -> str:
+        """The id of structure ``k`` (from its file name, e.g. '1abc')."""
+        blob, offsets = self._strings()
+        return fmt.ragged_item(blob, offsets, k)
+
+    @property
+    def n_structures(self) -> int:
+        return len(self._structure_ranges())
+
+    def _structure_ranges(self) -> np.ndarray:
+        state = self._local()
+        if "ranges" not in state:
+            state["ranges"] = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)
+        return state["ranges"]
+
+    def _strings(self) -> tuple[np.ndarray, np.ndarray]:
+        state = self._local()
+        if "ids" not in state:
+            state["ids"] = fmt.read_ragged_strings(self.root, fmt.STRUCTURE_ID)
+        return state["ids"]
+
+    def __repr__(self) -> str:
+        return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
+                f"image={tuple(self.layout.image_shape[-4:])}, dtype={self.layout.dtype.name}, "
+                f"rotate={self.rotate}, stored_rotations={self.n_rotations})")

@@ -1,0 +1,69 @@
+"""The 24 proper rotations of a cube, as exact axis permutations and flips.
+
+Rotating a voxel image by a multiple of 90° needs no resampling: it is a strided
+view of the same bytes. Rotation ``k`` maps the centred voxel coordinates
+``u`` of the input to ``M_k @ u`` in the output, where ``M_k`` is a signed
+permutation matrix with determinant +1; index 0 is the identity.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def _build() -> tuple[list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]], np.ndarray]:
+    table, mats = [], []
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            m = np.zeros((3, 3), dtype=np.int64)
+            for d in range(3):
+                m[d, perm[d]] = -1 if flips[d] else 1
+            if round(np.linalg.det(m)) == 1:
+                table.append((perm, flips))
+                mats.append(m)
+    return table, np.stack(mats)
+
+
+CUBE_ROTATIONS, CUBE_ROTATION_MATRICES = _build()
+N_CUBE_ROTATIONS = len(CUBE_ROTATIONS)  # 24
+assert N_CUBE_ROTATIONS == 24 and CUBE_ROTATIONS[0] == ((0, 1, 2), (False, False, False))
+
+
+def rotation_index(matrix: np.ndarray) -> int:
+    """Index of a signed-permutation rotation matrix in the table."""
+    hits = np.flatnonzero((CUBE_ROTATION_MATRICES == np.asarray(matrix)).all(axis=(1, 2)))
+    if len(hits) != 1:
+        raise ValueError("not one of the 24 proper cube rotations")
+    return int(hits[0])
+
+
+def inverse(k: int) -> int:
+    return rotation_index(CUBE_ROTATION_MATRICES[k].T)
+
+
+def compose(j: int, k: int) -> int:
+    """Index of "rotate by k, then by j"."""
+    return rotation_index(CUBE_ROTATION_MATRICES[j] @ CUBE_ROTATION_MATRICES[k])
+
+
+def rotate_view(image: np.ndarray, k: int) -> np.ndarray:
+    """A view of ``image`` (..., X, Y, Z) rotated by rotation ``k``; copies nothing."""
+    if k == 0:
+        return image
+    perm, flips = CUBE_ROTATIONS[k]
+    lead = image.ndim - 3
+    out = image.transpose(*range(lead), *(lead + p for p in perm))
+    index = tuple([slice(None)] * lead + [slice(None, None, -1) if f else slice(None) for f in flips])
+    return out[index]
+
+
+def rotate_tensor(image, k: int):
+    """Torch version of :func:`rotate_view` for tensors on any device (returns a view)."""
+    if k == 0:
+        return image
+    perm, flips = CUBE_ROTATIONS[k]
+    lead = image.dim() - 3
+    out = image.permute(*range(lead), *(lead + p for p in perm))
+    dims = [lead + d for d in range(3) if flips[d]]
+    return out.flip(dims) if dims else out

@@ -1,0 +1,94 @@
+"""`cache-tools split`: assign whole structures to train/val/test, stored in the cache.
+
+Splitting by structure (never by origin) keeps overlapping images of one entry out
+of two splits. The assignment is a ``uint8`` code per structure
+(``structures/split``) plus the split names in the cache attributes, so the
+Dataset reads it as one small memory-mapped array.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cache_tools import format as fmt
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", metavar="CACHE")
+    p.add_argument("--val", type=float, default=0.0, help="fraction of structures for 'val' (default: 0)")
+    p.add_argument("--test", type=float, default=0.0, help="fraction of structures for 'test' (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random assignment (default: 0)")
+    p.add_argument("--from-file", action="append", default=[], metavar="NAME=IDS.txt",
+                   help="put the structure ids listed in IDS.txt (one per line) in split NAME, e.g. a "
+                        "hand-verified validation set; repeatable; the rest is split by --val/--test")
+
+
+def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: int = 0,
+                  from_files: dict[str, list[str]] | None = None) -> dict[str, int]:
+    """Write the split assignment; returns structures per split. Unknown listed ids raise."""
+    root = Path(root)
+    attrs = fmt.read_attrs(root)
+    fmt.require_complete(root, attrs)
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"--val {val} and --test {test} must be fractions in [0, 1) summing below 1")
+    blob, offsets = fmt.read_ragged_strings(root, fmt.STRUCTURE_ID)
+    ids = [fmt.ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
+    position = {sid.lower(): k for k, sid in enumerate(ids)}
+    names = list(SPLIT_NAMES)
+    codes = np.full(len(ids), 255, dtype=np.uint8)
+    for name, listed in (from_files or {}).items():
+        if name not in names:
+            names.append(name)
+        unknown = [sid for sid in listed if sid.lower() not in position]
+        if unknown:
+            raise ValueError(f"{len(unknown)} ids listed for split {name!r} are not in the cache: "
+                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+        for sid in listed:
+            k = position[sid.lower()]
+            if codes[k] != 255 and codes[k] != names.index(name):
+                raise ValueError(f"structure {sid!r} is listed for two splits")
+            codes[k] = names.index(name)
+    free = np.flatnonzero(codes == 255)
+    order = free[np.random.default_rng(seed).permutation(len(free))]
+    n_val, n_test = round(val * len(ids)), round(test * len(ids))
+    codes[order[:n_val]] = names.index("val")
+    codes[order[n_val:n_val + n_test]] = names.index("test")
+    codes[order[n_val + n_test:]] = names.index("train")
+    fmt.write_array(root, fmt.STRUCTURE_SPLIT, codes)
+    fmt.update_attrs(root, splits=names,
+                     split_params={"val": val, "test": test, "seed": seed,
+                                   "from_files": sorted((from_files or {}).keys())})
+    return {name: int((codes == i).sum()) for i, name in enumerate(names)}
+
+
+def _read_ids(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
+
+
+def run(args: argparse.Namespace) -> int:
+    from_files: dict[str, list[str]] = {}
+    try:
+        for item in args.from_file:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--from-file {item!r}: expected NAME=FILE")
+            try:
+                from_files[name] = _read_ids(path)
+            except OSError as exc:
+                raise ValueError(f"{path}: cannot read id list ({exc.strerror or exc})") from None
+        counts = assign_splits(args.cache, args.val, args.test, args.seed, from_files)
+    except (fmt.CacheError, ValueError) as exc:
+        print(f"cache-tools split: {exc}", file=sys.stderr)
+        return 2
+    ranges = fmt.read_array(args.cache, fmt.STRUCTURE_ORIGIN_RANGE)
+    codes = fmt.read_array(args.cache, fmt.STRUCTURE_SPLIT)
+    per = ranges[:, 1] - ranges[:, 0]
+    for i, (name, n) in enumerate(counts.items()):
+        print(f"{name:>8}: {n} structures, {int(per[codes == i].sum())} origins")
+    return 0
