@@ -30,7 +30,7 @@ from cache_tools import format as fmt
 from pipeline import write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, file_sha256, parse_atoms, structure_key
-from pipeline.voxelize import ImageSpec, Storage, origin_rotations, rotate_about, voxelize
+from pipeline.voxelize import ImageSpec, Storage, image_reach_A, origin_rotations, rotate_about, voxelize
 
 TARGET_SHARD_BYTES = 256 * 2**20
 SCAN_BATCH = 4  # files per scan task: amortizes task overhead, keeps the progress bar lively
@@ -177,25 +177,31 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
 
 
 def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
-               storage: Storage, rotations: int) -> tuple[int, int, int]:
+               storage: Storage, rotations: int) -> tuple[int, int]:
     """Voxelize one shard's origins; pieces are (file index, first origin, stop origin)."""
+    from scipy.spatial import cKDTree
+
     layout = fmt.VoxelLayout(root)
     centers = fmt.read_array(root, fmt.CENTER)
     mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
     saturated = 0
     buffer = np.empty(spec.shape, dtype=np.float32)
+    reach = image_reach_A(spec) + 1e-6
 
     def origin_bytes():
         nonlocal saturated
         for index, start, stop in pieces:
             atoms = write.load_npz(write.atoms_path(root, index))
             xyz, channel = atoms["xyz"], atoms["channel"].astype(np.int64)
+            tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
             for origin in range(start, stop):
                 center = centers[origin].astype(np.float64)
+                near = np.sort(np.asarray(tree.query_ball_point(center, reach), dtype=np.intp))  # keep atom order: same sums
+                near_xyz, near_channel = xyz[near], channel[near]
                 parts = []
                 for r in range(rotations):
-                    coords = xyz if r == 0 else rotate_about(xyz, center, mats[origin, r].astype(np.float64))
-                    img = voxelize(coords, channel, center, spec, out=buffer)
+                    coords = near_xyz if r == 0 else rotate_about(near_xyz, center, mats[origin, r].astype(np.float64))
+                    img = voxelize(coords, near_channel, center, spec, out=buffer)
                     stored, sat = storage.encode(img)
                     saturated += sat
                     parts.append(stored.tobytes())

@@ -34,6 +34,15 @@ class ImageSpec:
                 "fill_algorithm": "FractionAtom", "agg_algorithm": "Sum", "occupancy": 1.0}
 
 
+def image_reach_A(spec: ImageSpec) -> float:
+    """Radius of the sphere around the centre holding every atom that can touch the image.
+
+    An atom touches it only inside the box |d_i| < L*res/2 + radius (the filter of
+    macromol_voxelize), whose corners lie sqrt(3) times that far away.
+    """
+    return (3 ** 0.5) * (spec.grid_voxels * spec.resolution_A / 2 + spec.atom_radius_A)
+
+
 def voxelize(xyz: np.ndarray, channel: np.ndarray, center: np.ndarray, spec: ImageSpec,
              out: np.ndarray | None = None) -> np.ndarray:
     """float32 image (C, L, L, L) of atoms ``xyz`` (n,3 float64) centred on ``center``."""
