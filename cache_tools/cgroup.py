@@ -243,26 +243,30 @@ class MemoryCap:
             "limit_hits": _read_int(self.path / "memory.failcnt"),
         }
 
-    def remove(self) -> None:
-        """Kill stragglers left in the cgroup (as SLURM does at job end) and remove it."""
+    def remove(self) -> int:
+        """Kill stragglers left in the cgroup (as SLURM does at job end), remove it.
+
+        Returns how many leftover processes were killed.
+        """
+        killed: set[int] = set()
         if self.path is None:
-            return
+            return 0
         for attempt in range(50):
-            pids = [int(p) for p in (_read(self.path / "cgroup.procs") or "").split()]
-            for pid in pids:
+            for pid in [int(p) for p in (_read(self.path / "cgroup.procs") or "").split()]:
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
                 except ProcessLookupError:
                     pass
             try:
                 self.path.rmdir()
-                self.path = None
-                return
             except FileNotFoundError:
-                self.path = None
-                return
-            except OSError:
+                pass
+            except OSError:          # EBUSY until the killed processes are gone
                 time.sleep(0.02 * (1 + attempt // 10))
+                continue
+            self.path = None
+            return len(killed)
         raise CgroupUnavailable(f"could not remove {self.path}; remove it by hand with rmdir")
 
     def __enter__(self) -> "MemoryCap":
@@ -295,15 +299,20 @@ def format_cap_report(report: dict[str, Any]) -> str:
 
     lines = [f"memory cap {mib(report['limit'])} (cgroup v{report['version']}, {report['path']})",
              f"  cgroup peak usage   {mib(report['peak'])}   (counts page cache too, like SLURM)"]
-    if report.get("limit_hits") is not None:
+    if report.get("limit_hits"):
         lines.append(f"  limit reached       {report['limit_hits']} times")
+    elif report["peak"] is not None and report["peak"] >= 0.98 * report["limit"]:
+        lines.append("  limit reached       yes (peak usage at the cap)")
     kills = report.get("oom_kills")
     if kills:
         lines.append(f"  OOM kills           {kills}  -> the kernel OOM-killed a process: a job with this "
                      "memory limit would die the same way")
     elif kills == 0:
-        lines.append("  OOM kills           0  -> fits under the cap (file pages are reclaimed, "
-                     "anonymous memory is not)")
+        lines.append("  OOM kills           0  (page cache and mmap'd file pages are reclaimed to stay "
+                     "under the cap; anonymous memory cannot be)")
     else:
         lines.append("  OOM kills           unknown (kernel does not report oom_kill)")
+    if report.get("leftover_processes_killed"):
+        lines.append(f"  killed {report['leftover_processes_killed']} process(es) still running in the cgroup "
+                     "after the command exited (as SLURM does at job end)")
     return "\n".join(lines)
