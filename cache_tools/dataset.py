@@ -121,7 +121,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is truncated "
                                  f"or damaged ({size} bytes, expected {expected})")
         n = self.layout.origins_in_shard(shard)
-        array = np.memmap(path, dtype=self.layout.dtype, mode="r", shape=(n, *self.layout.image_shape))
+        array = np.memmap(path, dtype=self.layout.dtype, mode="r",
+                          shape=(n, *self.layout.image_shape)).view(np.ndarray)
         state["maps"][shard] = array
         return array
 
@@ -164,16 +165,16 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             stored = stored[rotation]
         if self.rotate:
             stored = rotate_view(stored, _mix(self.seed, int(self._epoch), index, 2) % N_CUBE_ROTATIONS)
-        image = torch.empty(stored.shape, dtype=torch.float32)
-        out = image.numpy()
+        out = np.empty(stored.shape, dtype=np.float32)
         np.copyto(out, stored, casting="safe")  # the one copy; also dequantizes and rotates
         if self.scale != 1.0:
             out *= np.float32(self.scale)
+        image = torch.from_numpy(out)
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "origin_id": origin,
                 "structure_index": int(state["structure_index"][origin]),
-                "center_A": torch.from_numpy(np.array(state["center"][origin])),
+                "center_A": torch.from_numpy(state["center"][origin].copy()),
                 "rotation": rotation}
 
     def origins_of_structure(self, k: int) -> range:

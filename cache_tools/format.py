@@ -140,7 +140,11 @@ def _numpy_dtype(meta: dict) -> np.dtype:
 
 
 def read_array(root: str | os.PathLike, name: str, mmap: bool = True) -> np.ndarray:
-    """Read a single-chunk uncompressed metadata array as numpy, memory-mapped read-only."""
+    """Read a single-chunk uncompressed metadata array as numpy, memory-mapped read-only.
+
+    Returned as a plain ndarray view of the map (indexing an np.memmap subclass costs
+    microseconds per item in a hot loop).
+    """
     meta = array_meta(root, name)
     shape = tuple(meta["shape"])
     chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -159,7 +163,7 @@ def read_array(root: str | os.PathLike, name: str, mmap: bool = True) -> np.ndar
     if expected == 0:
         return np.zeros(shape, dtype)
     if mmap:
-        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape).view(np.ndarray)
     return np.fromfile(path, dtype=dtype).reshape(shape)
 
 
