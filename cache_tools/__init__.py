@@ -1,18 +1,26 @@
 """Read side of the voxel cache: needs only numpy and torch at import time."""
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = ["VoxelCacheDataset", "MemoryProfiler", "__version__"]
+# Public name -> defining module. Imported on first use so that `import cache_tools`
+# stays light and pulls in nothing a forked DataLoader worker would have to copy.
+_EXPORTS = {
+    "VoxelCacheDataset": "cache_tools.dataset",
+    "SampleBatch": "cache_tools.dataset",
+    "batch_collate": "cache_tools.dataset",
+    "BlockShuffleSampler": "cache_tools.sampling",
+    "RandomCubeRotation": "cache_tools.rotations",
+    "CacheError": "cache_tools.format",
+    "MemoryProfiler": "cache_tools.memory",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy so that `import cache_tools` stays light and pulls in nothing a
-    # forked DataLoader worker would have to copy.
-    if name == "VoxelCacheDataset":
-        from cache_tools.dataset import VoxelCacheDataset
-        return VoxelCacheDataset
-    if name == "MemoryProfiler":
-        from cache_tools.memory import MemoryProfiler
-        return MemoryProfiler
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'cache_tools' has no attribute {name!r}")

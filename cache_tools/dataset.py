@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -48,11 +49,15 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     epoch (it reaches persistent workers through a shared-memory counter).
     ``transform`` is applied to the image tensor. ``verify=True`` checks each
     origin's crc32 as it is read.
+
+    Batches: ``DataLoader(ds, batch_size=B, collate_fn=batch_collate)`` reads each
+    batch with :meth:`__getitems__` into one buffer and hands it over without a
+    second copy (``pin_memory=True`` allocates that buffer pinned when CUDA exists).
     """
 
     def __init__(self, cache: str | os.PathLike, split: str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 rotate: bool = False, seed: int = 0, verify: bool = False):
+                 rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -72,6 +77,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.rotate = rotate
         self.seed = seed
         self.verify = verify
+        self.pin_memory = pin_memory
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._len = self.layout.n_origins if split is None else int(self._split_table()[1][-1])
         self._state: dict[str, Any] | None = None
@@ -137,34 +143,52 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def origin_id(self, index: int) -> int:
         """Global origin id of sample ``index`` of this dataset (split)."""
-        state = self._local()
-        if not -self._len <= index < self._len:
-            raise IndexError(f"index {index} out of range for {self._len} samples"
-                             + (f" in split {self.split!r}" if self.split else ""))
-        index %= self._len
-        if state["split"] is None:
-            return index
-        starts, cumulative = state["split"]
-        k = int(np.searchsorted(cumulative, index, side="right")) - 1
-        return int(starts[k]) + index - int(cumulative[k])
+        return int(self._origin_ids(np.array([index]))[0])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        origin = self.origin_id(int(index))
-        state = self._state  # opened for this process by origin_id()
+    def _origin_ids(self, indices: np.ndarray) -> np.ndarray:
+        """Vectorized: sample indices (negative allowed) -> global origin ids."""
+        state = self._local()
+        if len(indices) and not (-self._len <= indices.min() and indices.max() < self._len):
+            bad = indices[(indices < -self._len) | (indices >= self._len)][0]
+            raise IndexError(f"index {bad} out of range for {self._len} samples"
+                             + (f" in split {self.split!r}" if self.split else ""))
+        indices = indices % self._len if self._len else indices
+        if state["split"] is None:
+            return indices
+        starts, cumulative = state["split"]
+        k = np.searchsorted(cumulative, indices, side="right") - 1
+        return starts[k] + indices - cumulative[k]
+
+    def _choices(self, index: int) -> tuple[int, int]:
+        """(stored rotation, cube rotation) of sample ``index`` this epoch."""
+        epoch = int(self._epoch)
+        stored = _mix(self.seed, epoch, index, 1) % self.n_rotations if self.n_rotations > 1 else 0
+        cube = _mix(self.seed, epoch, index, 2) % N_CUBE_ROTATIONS if self.rotate else 0
+        return stored, cube
+
+    def _stored(self, state: dict, origin: int) -> np.ndarray:
+        """Zero-copy view of an origin's stored bytes (checked against its crc32 if verify)."""
         shard, j = divmod(origin, self.layout.origins_per_shard)
         array = state["maps"][shard]
         if array is None:
             array = self._shard(state, shard, origin)
-        stored = array[j]
-        if self.verify and zlib.crc32(stored) != int(state["crc"][origin]):
+        if self.verify and zlib.crc32(array[j]) != int(state["crc"][origin]):
             raise fmt.CacheError(f"{self.root}: origin {origin}: checksum mismatch in "
                                  f"{self.layout.shard_path(shard)} (damaged cache; run cache-tools check)")
-        rotation = 0
+        return array[j]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not isinstance(index, (int, np.integer)):
+            return self.__getitems__(index).data  # a list of indices: a ready batch
+        index = int(index) % self._len if -self._len <= index < self._len else index
+        origin = self.origin_id(index)
+        state = self._state  # opened for this process by origin_id()
+        stored = self._stored(state, origin)
+        rotation, cube = self._choices(index)
         if self.n_rotations > 1:
-            rotation = _mix(self.seed, int(self._epoch), index, 1) % self.n_rotations
             stored = stored[rotation]
-        if self.rotate:
-            stored = rotate_view(stored, _mix(self.seed, int(self._epoch), index, 2) % N_CUBE_ROTATIONS)
+        if cube:
+            stored = rotate_view(stored, cube)
         out = np.empty(stored.shape, dtype=np.float32)
         np.copyto(out, stored, casting="safe")  # the one copy; also dequantizes and rotates
         if self.scale != 1.0:
@@ -176,6 +200,63 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 "structure_index": int(state["structure_index"][origin]),
                 "center_A": torch.from_numpy(state["center"][origin].copy()),
                 "rotation": rotation}
+
+    def __getitems__(self, indices: list[int]) -> "SampleBatch":
+        """A whole batch in one buffer: PyTorch's batched-fetch hook.
+
+        Origins are read in sorted order, one vectorized copy per run of consecutive
+        ids in a shard, straight into a single [B, C, L, L, L] float32 buffer
+        (pinned when ``pin_memory`` and CUDA is available), then dequantized with one
+        vector op. Returns a :class:`SampleBatch`: use ``collate_fn=batch_collate``
+        to take it as is; the default collate also works (it re-stacks the samples).
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        origins = self._origin_ids(idx)
+        idx = idx % self._len if self._len else idx
+        state = self._state
+        n = len(origins)
+        image_shape = self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
+        images = torch.empty((n, *image_shape), dtype=torch.float32, pin_memory=self._pin())
+        out = images.numpy()
+        choices = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
+        if self.n_rotations > 1 or self.rotate or self.verify:
+            for k in range(n):  # per-sample path: each sample has its own rotation (or crc check)
+                stored = self._stored(state, int(origins[k]))
+                if self.n_rotations > 1:
+                    stored = stored[choices[k, 0]]
+                np.copyto(out[k], rotate_view(stored, int(choices[k, 1])), casting="safe")
+        else:
+            order = np.argsort(origins, kind="stable")
+            sorted_origins = origins[order]
+            per_shard = self.layout.origins_per_shard
+            shards = sorted_origins // per_shard
+            # Runs: consecutive origin ids within one shard -> one slice of the map.
+            breaks = np.flatnonzero((np.diff(sorted_origins) != 1) | (np.diff(shards) != 0)) + 1
+            for run in np.split(np.arange(n), breaks):
+                first = int(sorted_origins[run[0]])
+                shard, j = divmod(first, per_shard)
+                array = state["maps"][shard]
+                if array is None:
+                    array = self._shard(state, shard, first)
+                source = array[j:j + len(run)]
+                targets = order[run]
+                if targets[-1] - targets[0] == len(run) - 1 and np.all(np.diff(targets) == 1):
+                    np.copyto(out[targets[0]:targets[-1] + 1], source, casting="safe")
+                else:
+                    out[targets] = source
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
+        if self.transform is not None:
+            images = torch.stack([self.transform(img) for img in images])
+        data = {"image": images,
+                "origin_id": torch.from_numpy(origins.astype(np.int64)),
+                "structure_index": torch.from_numpy(state["structure_index"][origins].astype(np.int64)),
+                "center_A": torch.from_numpy(state["center"][origins]),
+                "rotation": torch.from_numpy(choices[:, 0].copy())}
+        return SampleBatch(data)
+
+    def _pin(self) -> bool:
+        return self.pin_memory and torch.cuda.is_available()
 
     def origins_of_structure(self, k: int) -> range:
         """Origin ids of structure ``k`` (contiguous by construction)."""
@@ -207,3 +288,30 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, dtype={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations})")
+
+
+class SampleBatch(Sequence):
+    """A batch read in one piece, that still looks like a list of samples.
+
+    ``batch_collate`` returns ``.data`` untouched; torch's default collate sees a
+    sequence of per-sample dicts (views into the batch) and stacks them, so a plain
+    ``DataLoader(ds, batch_size=B)`` works too, at the cost of one more copy.
+    """
+
+    def __init__(self, data: dict[str, torch.Tensor]):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data["origin_id"])
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return {key: value[k] for key, value in self.data.items()}
+
+
+def batch_collate(batch):
+    """``collate_fn`` for VoxelCacheDataset: a SampleBatch passes through, anything else is collated."""
+    if isinstance(batch, SampleBatch):
+        return batch.data
+    return torch.utils.data.default_collate(batch)

@@ -67,3 +67,36 @@ def rotate_tensor(image, k: int):
     out = image.permute(*range(lead), *(lead + p for p in perm))
     dims = [lead + d for d in range(3) if flips[d]]
     return out.flip(dims) if dims else out
+
+
+def rotate_batch(images, rotations):
+    """Rotate sample b of ``images`` [B, ..., X, Y, Z] by cube rotation ``rotations[b]``.
+
+    One permute/flip per distinct rotation (at most 24 kernels), on the images' own
+    device, so augmentation can run on the GPU after the batch is transferred.
+    """
+    import torch
+
+    rotations = torch.as_tensor(rotations).to("cpu")
+    out = torch.empty_like(images)
+    for k in torch.unique(rotations).tolist():
+        sel = torch.nonzero(rotations == k).squeeze(1).to(images.device)
+        out[sel] = rotate_tensor(images.index_select(0, sel), k)
+    return out
+
+
+class RandomCubeRotation:
+    """Batch transform: an independent random cube rotation per sample (seeded)."""
+
+    def __init__(self, seed: int | None = None):
+        import torch
+
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, images):
+        import torch
+
+        rotations = torch.randint(0, N_CUBE_ROTATIONS, (images.shape[0],), generator=self.generator)
+        return rotate_batch(images, rotations)

@@ -1,0 +1,94 @@
+"""Batched reads (__getitems__), the block sampler and batch rotations."""
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from cache_tools import BlockShuffleSampler, RandomCubeRotation, VoxelCacheDataset, batch_collate
+from cache_tools.dataset import SampleBatch
+from cache_tools.rotations import rotate_batch, rotate_tensor
+from cache_tools.split import assign_splits
+
+
+def assert_batch_matches_items(ds, indices):
+    batch = ds.__getitems__(indices)
+    assert isinstance(batch, SampleBatch) and len(batch) == len(indices)
+    data = batch.data
+    assert data["image"].shape[0] == len(indices) and data["image"].dtype == torch.float32
+    for k, i in enumerate(indices):
+        item = ds[i]
+        assert torch.equal(data["image"][k], item["image"]), (k, i)
+        assert int(data["origin_id"][k]) == item["origin_id"]
+        assert int(data["structure_index"][k]) == item["structure_index"]
+        assert torch.equal(data["center_A"][k], item["center_A"])
+        assert int(data["rotation"][k]) == item["rotation"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+def test_batched_equals_per_item(cache_factory, dtype):
+    ds = VoxelCacheDataset(cache_factory(dtype))
+    rng = np.random.default_rng(2)
+    # random ids, repeated ids, runs of consecutive ids, shard boundaries, negative ids
+    indices = [*rng.integers(0, len(ds), 40).tolist(), 3, 3, 10, 11, 12, 13, len(ds) - 1, -2, 0]
+    assert_batch_matches_items(ds, indices)
+    assert_batch_matches_items(VoxelCacheDataset(cache_factory(dtype), rotate=True, seed=4), indices)
+
+
+def test_batched_equals_per_item_stored_rotations_verify_and_split(cache_factory, tmp_path):
+    rotated = VoxelCacheDataset(cache_factory("float32", rotations=3), seed=2)
+    assert_batch_matches_items(rotated, list(range(0, len(rotated), 3)))
+    root = tmp_path / "c.zarr"
+    shutil.copytree(cache_factory("uint8"), root)
+    assign_splits(root, val=0.4, seed=0)
+    val = VoxelCacheDataset(root, split="val", verify=True)
+    assert_batch_matches_items(val, list(range(len(val)))[::-1])
+    with pytest.raises(IndexError, match="out of range"):
+        val.__getitems__([0, len(val)])
+
+
+def test_dataloader_paths_agree(cache_factory):
+    ds = VoxelCacheDataset(cache_factory("float16"), pin_memory=True)  # pinning is a no-op without CUDA
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    default = list(DataLoader(ds, batch_size=16, sampler=order))                    # default collate
+    fast = list(DataLoader(ds, batch_size=16, sampler=order, collate_fn=batch_collate))
+    by_list = list(DataLoader(ds, batch_size=None, sampler=BatchSampler(order, 16, drop_last=False)))
+    workers = list(DataLoader(ds, batch_size=16, sampler=order, collate_fn=batch_collate,
+                              num_workers=2, pin_memory=True))
+    assert len(default) == len(fast) == len(by_list) == len(workers) == -(-len(ds) // 16)
+    for a, b, c, d in zip(default, fast, by_list, workers):
+        for key in ("image", "origin_id", "center_A", "structure_index", "rotation"):
+            assert torch.equal(a[key], b[key]) and torch.equal(b[key], c[key]) and torch.equal(c[key], d[key])
+    assert torch.cat([b["origin_id"] for b in fast]).tolist() == order
+
+
+def test_batch_rotations_equal_per_sample():
+    images = torch.rand(30, 2, 5, 5, 5)
+    ks = torch.arange(30) % 24
+    rotated = rotate_batch(images, ks)
+    for b in range(30):
+        assert torch.equal(rotated[b], rotate_tensor(images[b], int(ks[b])))
+    aug = RandomCubeRotation(seed=1)(images)
+    assert aug.shape == images.shape
+    assert torch.allclose(aug.sum(dim=(1, 2, 3, 4)), images.sum(dim=(1, 2, 3, 4)))
+    assert not torch.equal(aug, images)
+    assert torch.equal(RandomCubeRotation(seed=1)(images), aug)
+
+
+def test_block_shuffle_sampler():
+    sampler = BlockShuffleSampler(103, block_size=8, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(103)) and len(sampler) == 103
+    runs = [block for block, _ in itertools.groupby(first, key=lambda x: x // 8)]
+    assert sorted(runs) == list(range(13))  # each block comes whole, once
+    assert runs != sorted(runs) and first[:8] != sorted(first[:8])  # block order and insides shuffled
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(103))
+    ranks = [list(BlockShuffleSampler(103, 8, seed=5, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(103)) and not set(ranks[0]) & set(ranks[1])
+    assert [len(BlockShuffleSampler(103, 8, seed=5, num_replicas=2, rank=r)) for r in range(2)] == \
+        [len(r) for r in ranks]
