@@ -300,14 +300,21 @@ class SampleBatch(Sequence):
 
     def __init__(self, data: dict[str, torch.Tensor]):
         self.data = data
+        self._samples: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.data["origin_id"])
 
     def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        return {key: value[k] for key, value in self.data.items()}
+        if self._samples is None:  # built once, only when someone treats the batch as a list
+            d = self.data
+            self._samples = [
+                {"image": image, "origin_id": origin, "structure_index": structure,
+                 "center_A": center, "rotation": rotation}
+                for image, origin, structure, center, rotation in zip(
+                    d["image"].unbind(0), d["origin_id"].tolist(), d["structure_index"].tolist(),
+                    d["center_A"].unbind(0), d["rotation"].tolist())]
+        return self._samples[k]
 
 
 def batch_collate(batch):
