@@ -411,7 +411,8 @@ class _dask_client:
 
         if self.scheduler:
             try:
-                self.client = Client(self.scheduler, timeout="30s")
+                # The connect timeout is dask's own setting (distributed.comm.timeouts.connect).
+                self.client = Client(self.scheduler)
             except (OSError, TimeoutError) as exc:
                 raise BuildError(f"cannot connect to dask scheduler {self.scheduler}: {exc}") from None
             return self.client
