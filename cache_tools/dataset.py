@@ -11,6 +11,7 @@ Why it stays small in every DataLoader worker:
 """
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from pathlib import Path
@@ -91,6 +92,12 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def _open(self) -> dict[str, Any]:
         """Per-process state: opened on first use in each process, never inherited."""
+        if torch.utils.data.get_worker_info() is not None:
+            # In a DataLoader worker, everything that exists now was inherited from the
+            # parent. Freezing it keeps Python's cyclic collector from walking those
+            # objects, which writes their GC headers and so copies the parent's heap
+            # into the worker page by page (the copy-on-read growth of issue 13246).
+            gc.freeze()
         root = self.root
         state = {
             "pid": os.getpid(),
@@ -216,7 +223,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         state = self._state
         n = len(origins)
         image_shape = self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
-        images = torch.empty((n, *image_shape), dtype=torch.float32, pin_memory=self._pin())
+        images = _batch_buffer((n, *image_shape), pin=self._pin())
         out = images.numpy()
         choices = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
         if self.n_rotations > 1 or self.rotate or self.verify:
@@ -288,6 +295,21 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, dtype={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations})")
+
+
+def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """An uninitialized float32 batch, allocated where it is going.
+
+    In a DataLoader worker the batch travels to the main process through shared
+    memory; allocating it there directly (as torch's default collate does) saves
+    the copy into shared memory and keeps big short-lived buffers out of the
+    worker's malloc heap, which would otherwise keep growing by a batch at a time.
+    """
+    if torch.utils.data.get_worker_info() is not None:
+        numel = int(np.prod(shape))
+        storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(numel, device="cpu")
+        return torch.empty(0, dtype=torch.float32).new(storage).resize_(shape)
+    return torch.empty(shape, dtype=torch.float32, pin_memory=pin)
 
 
 class SampleBatch(Sequence):

@@ -15,7 +15,7 @@ import sys
 from cache_tools.format import STORAGE_DTYPES, UINT8_DEFAULT_MAX
 
 
-def _add_build_arguments(p: argparse.ArgumentParser) -> None:
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="mmCIF files (.cif, .cif.gz, .mmcif), directories searched recursively, "
                         "or @list.txt with one path per line")
@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Rerun the same command to resume an interrupted build.",
                        epilog=__doc__.split("\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_build_arguments(p)
+    add_build_arguments(p)
     return parser
 
 
-def _params(args: argparse.Namespace):
+def params_from_args(args: argparse.Namespace):
     from pipeline.build import BuildParams
     from pipeline.origins import OriginRule
     from pipeline.parse import parse_channels
@@ -115,7 +115,7 @@ def run_build(args: argparse.Namespace) -> int:
     from pipeline.build import BuildError, InputError, build_cache
 
     try:
-        params = _params(args)
+        params = params_from_args(args)
     except ValueError as exc:
         print(f"pipeline build-cache: {exc}", file=sys.stderr)
         return 2
