@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Estimate what caching the whole PDB costs, from figures measured on a sample cache.
+
+Measured here, on the sample cache: origins per structure (mean), bytes per origin
+per storage dtype, seconds of one core to parse a structure and to voxelize an
+origin. Scaled to ``--entries`` (default 230,000, about the PDB in 2026): origins,
+disk per dtype, build core-hours, and page cache for a fully resident cache.
+
+    pipeline build-cache tests/data/mmcif --out sample.zarr
+    python workflows/pdb_estimate.py sample.zarr
+
+The sample is 12 entries, so treat the result as an order of magnitude: the PDB's
+size distribution (many large cryo-EM assemblies) moves the mean, and
+``--max-origins-per-structure`` caps the largest entries.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_tools import format as fmt  # noqa: E402
+from cache_tools.info import human_bytes  # noqa: E402
+
+
+def measure(cache: str, sample_origins: int = 200) -> dict:
+    """Per-structure and per-origin costs on one core, on the cache's own inputs."""
+    from pipeline.parse import parse_atoms
+    from pipeline.voxelize import ImageSpec, voxelize
+
+    attrs = fmt.read_attrs(cache)
+    params = attrs["params"]
+    image = params["image"]
+    spec = ImageSpec(image["grid_voxels"], image["resolution_A"], image["n_channels"], image["atom_radius_A"])
+    ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
+    centers = fmt.read_array(cache, fmt.CENTER)
+    paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
+    parse_s, atoms = [], []
+    for k in range(len(ranges)):
+        t = time.perf_counter()
+        atoms.append(parse_atoms(fmt.ragged_item(*paths, k), params["channels"]))
+        parse_s.append(time.perf_counter() - t)
+    rng = np.random.default_rng(0)
+    origins = rng.choice(int(ranges[-1, 1]), size=min(sample_origins, int(ranges[-1, 1])), replace=False)
+    structure_of = np.searchsorted(ranges[:, 1], origins, side="right")
+    t = time.perf_counter()
+    for origin, k in zip(origins, structure_of):
+        voxelize(atoms[k].xyz, atoms[k].channel, centers[origin].astype(np.float64), spec)
+    voxelize_s = (time.perf_counter() - t) / len(origins)
+    per_origin_values = int(np.prod(fmt.VoxelLayout(cache).image_shape))
+    return {"structures": len(ranges), "origins": int(ranges[-1, 1]),
+            "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
+            "parse_s_per_structure": float(np.mean(parse_s)), "voxelize_s_per_origin": voxelize_s,
+            "values_per_origin": per_origin_values, "rotations": params["rotations"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cache")
+    p.add_argument("--entries", type=int, default=230_000)
+    args = p.parse_args(argv)
+    m = measure(args.cache)
+    n = args.entries * m["origins_per_structure"]
+    core_h = args.entries * m["parse_s_per_structure"] / 3600 + n * m["voxelize_s_per_origin"] * m["rotations"] / 3600
+    print(f"measured on {m['structures']} sample structures, {m['origins']} origins (one core):")
+    print(f"  {m['origins_per_structure']:.0f} origins/structure, {m['parse_s_per_structure'] * 1e3:.0f} ms parse "
+          f"per structure, {m['voxelize_s_per_origin'] * 1e3:.1f} ms voxelize per origin image")
+    print(f"\nPDB scale ({args.entries:,} entries, default parameters):")
+    print(f"  origins:            {n / 1e6:.1f} M")
+    print(f"  build:              {core_h:,.0f} core-hours (e.g. {core_h / 640:.1f} h on 20 nodes x 32 cores)")
+    print("  | dtype   | bytes/origin | on disk = page cache to hold it all |")
+    print("  |---------|-------------:|------------------------------------:|")
+    for dtype, size in (("float32", 4), ("float16", 2), ("uint8", 1)):
+        per = m["values_per_origin"] * size * m["rotations"]
+        print(f"  | {dtype:<7} | {per:>12,} | {human_bytes(n * per):>35} |")
+    print("\nA training job needs page cache only for its working set: with shuffled reads and a cache")
+    print("larger than RAM, throughput is bounded by the disk (see BENCHMARKS.md, cold reads).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
