@@ -9,7 +9,8 @@ of 64 are read from fresh maps with one of the kernel hints
 each with or without an explicit MADV_WILLNEED over every origin of the batch
 before copying (asks the kernel to read them all at once), for a shuffled order
 and for BlockShuffleSampler's order (blocks of 8), per storage dtype. The
-VoxelCacheDataset row is the real reader (__getitems__) on the same cold cache.
+VoxelCacheDataset rows are the real reader (__getitems__), with and without its
+``prefetch`` option (MADV_WILLNEED per batch), on the same cold cache.
 
     python benchmarks/cold_reads.py CACHE [CACHE ...] [--json out.json]
 """
@@ -68,11 +69,11 @@ def read_rate(layout, order: np.ndarray, hint, willneed: bool) -> float:
     return rate
 
 
-def dataset_rate(cache: str, layout, order: np.ndarray) -> float:
+def dataset_rate(cache: str, layout, order: np.ndarray, prefetch: bool) -> float:
     from cache_tools import VoxelCacheDataset
 
     evict(layout)
-    ds = VoxelCacheDataset(cache)
+    ds = VoxelCacheDataset(cache, prefetch=prefetch)
     t = time.perf_counter()
     for b in range(0, len(order), BATCH):
         ds.__getitems__(order[b:b + BATCH].tolist())
@@ -96,7 +97,9 @@ def main(argv=None) -> dict:
                                                  for b in np.random.default_rng(0).permutation(-(-n // 8))])}
         rows = {}
         for order_name, order in orders.items():
-            rows[f"{order_name}, VoxelCacheDataset.__getitems__"] = dataset_rate(cache, layout, order)
+            for prefetch in (False, True):
+                rows[f"{order_name}, VoxelCacheDataset(prefetch={prefetch})"] = dataset_rate(
+                    cache, layout, order, prefetch)
             for hint_name, hint in HINTS.items():
                 for willneed in (False, True):
                     key = f"{order_name}, {hint_name}{' + WILLNEED' if willneed else ''}"

@@ -12,6 +12,7 @@ Why it stays small in every DataLoader worker:
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import zlib
 from pathlib import Path
@@ -53,12 +54,15 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     Batches: ``DataLoader(ds, batch_size=B, collate_fn=batch_collate)`` reads each
     batch with :meth:`__getitems__` into one buffer and hands it over without a
-    second copy (``pin_memory=True`` allocates that buffer pinned when CUDA exists).
+    second copy (``pin_memory=True`` allocates that buffer pinned when CUDA exists;
+    ``prefetch=True`` asks the kernel to read each batch's pages at once, which pays
+    off when the cache is larger than RAM).
     """
 
     def __init__(self, cache: str | os.PathLike, split: str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False):
+                 rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
+                 prefetch: bool = False):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -79,6 +83,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.verify = verify
         self.pin_memory = pin_memory
+        self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._len = self.layout.n_origins if split is None else int(self._split_table()[1][-1])
         self._state: dict[str, Any] | None = None
@@ -102,6 +107,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         state = {
             "pid": os.getpid(),
             "maps": [None] * self.layout.n_shards,
+            "mmaps": [None] * self.layout.n_shards,
             "structure_index": fmt.read_array(root, fmt.STRUCTURE_INDEX),
             "center": fmt.read_array(root, fmt.CENTER),
             "crc": fmt.read_array(root, fmt.CRC32) if self.verify else None,
@@ -133,11 +139,35 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         if size != expected:
             raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is truncated "
                                  f"or damaged ({size} bytes, expected {expected})")
+        with open(path, "rb") as fh:  # read-only map; the fd can close, the map stays
+            mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
         n = self.layout.origins_in_shard(shard)
-        array = np.memmap(path, dtype=self.layout.dtype, mode="r",
-                          shape=(n, *self.layout.image_shape)).view(np.ndarray)
+        array = np.frombuffer(mapped, dtype=self.layout.dtype, count=n * int(np.prod(self.layout.image_shape)))
+        array = array.reshape(n, *self.layout.image_shape)
         state["maps"][shard] = array
+        state["mmaps"][shard] = mapped
         return array
+
+    def _prefetch(self, state: dict, sorted_origins: np.ndarray) -> None:
+        """Ask the kernel to read every origin of a batch now, in parallel (MADV_WILLNEED).
+
+        On a cold page cache this lets the disk serve the whole batch at once instead
+        of one page fault at a time (+30-55% images/s in benchmarks/cold_reads.py); on a
+        warm cache the kernel still walks every page of the range, which cost a third of
+        the throughput for float32 images: hence off by default, on for caches that do
+        not fit in RAM.
+        """
+        per_shard, nbytes = self.layout.origins_per_shard, self.layout.origin_nbytes
+        breaks = np.flatnonzero(np.diff(sorted_origins) != 1) + 1
+        for run in np.split(sorted_origins, breaks):
+            first, last = int(run[0]), int(run[-1])
+            for shard in range(first // per_shard, last // per_shard + 1):
+                if state["maps"][shard] is None:
+                    self._shard(state, shard, max(first, shard * per_shard))
+                lo = max(first, shard * per_shard) - shard * per_shard
+                hi = min(last, shard * per_shard + per_shard - 1) - shard * per_shard + 1
+                start = lo * nbytes - (lo * nbytes) % mmap.PAGESIZE
+                state["mmaps"][shard].madvise(mmap.MADV_WILLNEED, start, hi * nbytes - start)
 
     # --- public API --------------------------------------------------------------------
 
@@ -225,7 +255,12 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         image_shape = self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
         images = _batch_buffer((n, *image_shape), pin=self._pin())
         out = images.numpy()
-        choices = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
+        if self.n_rotations > 1 or self.rotate:
+            choices = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
+        else:
+            choices = np.zeros((n, 2), dtype=np.int64)
+        if self.prefetch and n:
+            self._prefetch(state, np.unique(origins))
         if self.n_rotations > 1 or self.rotate or self.verify:
             for k in range(n):  # per-sample path: each sample has its own rotation (or crc check)
                 stored = self._stored(state, int(origins[k]))

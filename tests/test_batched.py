@@ -92,3 +92,10 @@ def test_block_shuffle_sampler():
     assert sorted(ranks[0] + ranks[1]) == list(range(103)) and not set(ranks[0]) & set(ranks[1])
     assert [len(BlockShuffleSampler(103, 8, seed=5, num_replicas=2, rank=r)) for r in range(2)] == \
         [len(r) for r in ranks]
+
+
+def test_prefetch_reads_the_same(cache_factory):
+    plain = VoxelCacheDataset(cache_factory("uint8"))
+    hinted = VoxelCacheDataset(cache_factory("uint8"), prefetch=True)
+    ids = [0, 1, 2, 40, 41, len(plain) - 1, 7]
+    assert torch.equal(plain.__getitems__(ids).data["image"], hinted.__getitems__(ids).data["image"])
