@@ -37,7 +37,14 @@ SCAN_BATCH = 4  # files per scan task: amortizes task overhead, keeps the progre
 
 
 class BuildError(Exception):
-    """The build cannot finish; str() is a one-line reason (exit code 1)."""
+    """The build cannot finish; str() is a one-line reason (exit code 1).
+
+    ``failures`` lists the inputs that failed ({path, id, reason}), for the caller to show.
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
 
 
 class InputError(BuildError):
@@ -165,6 +172,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                 n = len(centers)
             except ParseError as exc:
                 reason = str(exc)
+            except (ImportError, MemoryError):
+                raise  # a broken environment, not a broken file: stop the build and say so
             except Exception as exc:  # gemmi/numpy surprises: one line, never abort the build
                 reason = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if reason is None:
@@ -254,8 +263,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         # Layout: origin ids from scan results in input order.
         table = _collect_scan(root, sources, ids)
         if table["n_origins"] == 0:
-            raise BuildError("no origins in any input; nothing to build (see the failures above)"
-                             if table["failures"] else "no origins in any input")
+            raise BuildError(f"no origins in any input: all {len(table['failures'])} files failed; "
+                             "nothing to build", failures=table["failures"])
         layout = _write_layout(root, params, table)
 
         # Phase 2: write shards.

@@ -123,6 +123,8 @@ def run_build(args: argparse.Namespace) -> int:
         summary = build_cache(args.inputs, args.out, params, workers=args.workers,
                               scheduler=args.scheduler, overwrite=args.overwrite, progress=not args.quiet)
     except BuildError as exc:
+        for failure in exc.failures:
+            print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
         print(f"pipeline build-cache: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InputError) else 1
     except OSError as exc:  # e.g. disk full while writing: the store stays resumable

@@ -176,6 +176,17 @@ def test_bad_files_are_listed_and_the_rest_builds(tmp_path):
     assert fmt.ragged_item(*ids, 0) == "1aa5" and len(fmt.read_array(out, fmt.STRUCTURE_ATOM_COUNT)) == 1
 
 
+def test_all_inputs_bad_exits_1_and_lists_them(tmp_path):
+    (tmp_path / "a.cif").write_text("data_x\n_cell_length_a 1\n")
+    (tmp_path / "b.cif.gz").write_bytes(b"\x1f\x8b not really gzip")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "build-cache", str(tmp_path), "--out",
+                           str(tmp_path / "c.zarr"), "--workers", "1", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("FAILED") and lines[1].startswith("FAILED")
+    assert lines[2] == "pipeline build-cache: no origins in any input: all 2 files failed; nothing to build"
+
+
 def test_existing_store_with_other_params_is_refused(tmp_path, cache_factory):
     out = tmp_path / "c.zarr"
     build_small(out, files=["1aa5.cif.gz"])
