@@ -122,31 +122,52 @@ def test_one_and_two_workers_identical(tmp_path, cache_factory):
     assert [k for k in a if a[k] != b[k]] == []
 
 
-def test_kill_mid_build_then_rerun_is_identical(tmp_path):
-    args = [sys.executable, "-m", "pipeline.cli", "build-cache", *[str(DATA / f) for f in SMALL_FILES],
-            "--grid-voxels", "17", "--max-origins-per-structure", "30", "--origins-per-shard", "3",
-            "--workers", "1", "--quiet"]
-    reference = tmp_path / "ref.zarr"
+@pytest.fixture(scope="module")
+def kill_inputs(tmp_path_factory):
+    """20 real files (the small set, 4 copies each) so that both phases last long enough to hit."""
+    src = tmp_path_factory.mktemp("kill-src")
+    for copy in range(4):
+        for name in SMALL_FILES:
+            (src / f"c{copy}_{name}").write_bytes((DATA / name).read_bytes())
+    args = [sys.executable, "-m", "pipeline.cli", "build-cache", str(src), "--grid-voxels", "15",
+            "--max-origins-per-structure", "8", "--origins-per-shard", "2", "--workers", "1", "--quiet"]
+    reference = tmp_path_factory.mktemp("kill-ref") / "ref.zarr"
     subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
-    killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([*args, "--out", str(killed)], start_new_session=True,
+    return args, store_files(reference)
+
+
+def count(path: Path, pattern: str) -> int:
+    return len(list(path.glob(pattern))) if path.exists() else 0
+
+
+@pytest.mark.parametrize("point", ["scan", "early write", "late write"])
+def test_kill_9_then_rerun_is_identical(tmp_path, kill_inputs, point):
+    """kill -9 the CLI and its dask workers at a point of the build; the rerun equals a clean build."""
+    args, reference = kill_inputs
+    out = tmp_path / "killed.zarr"
+    scan, done = out / fmt.BUILD_DIR / "scan", out / fmt.BUILD_DIR / "done"
+    n_shards = sum(1 for k in reference if k.startswith("voxels/c/"))
+    reached = {"scan": lambda: count(scan, "*.npz") >= 4,
+               "early write": lambda: count(done, "*.npz") >= 2,
+               "late write": lambda: count(done, "*.npz") >= n_shards * 3 // 4}[point]
+    proc = subprocess.Popen([*args, "--out", str(out)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = killed / fmt.BUILD_DIR / "done"
     deadline = time.time() + 120
-    while time.time() < deadline and not (done_dir.exists() and len(list(done_dir.glob("*.npz"))) >= 3):
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its dask workers, mid-write
+    while time.time() < deadline and not reached() and proc.poll() is None:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = len(list(done_dir.glob("*.npz")))
-    n_shards = fmt.VoxelLayout(killed).n_shards
-    assert 3 <= n_done < n_shards, "the kill should land mid-way through the write phase"
-    assert fmt.read_attrs(killed)["complete"] is False
-    rerun = subprocess.run([*args, "--out", str(killed)], capture_output=True, text=True)
+    assert fmt.read_attrs(out)["complete"] is False, "the kill should land before the build completes"
+    if point == "scan":
+        assert 4 <= count(scan, "*.npz") < 20 and count(done, "*.npz") == 0
+    else:
+        assert 2 <= count(done, "*.npz") < n_shards
+    rerun = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed and completed" in rerun.stdout
-    a, b = store_files(reference), store_files(killed)
-    assert a.keys() == b.keys()
-    assert [k for k in a if a[k] != b[k]] == []
+    again = store_files(out)
+    assert again.keys() == reference.keys()
+    assert [k for k in again if again[k] != reference[k]] == []
 
 
 def test_bad_files_are_listed_and_the_rest_builds(tmp_path):
