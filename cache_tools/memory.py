@@ -74,7 +74,7 @@ CSV_COLUMNS = ("t_s", "pid", "ppid", "role", "name", "rss", "pss", "pss_anon", "
                "pss_shmem", "uss", "shared", "swap")
 MARKS_COLUMNS = ("t_s", "label")
 SMAPS_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean", "Shared_Dirty",
-              "Private_Clean", "Private_Dirty", "Swap", "SwapPss")
+              "Private_Clean", "Private_Dirty", "Swap", "SwapPss", "Anonymous")
 ROLES = ("main", "worker", "other")
 MIB = 1 << 20
 
