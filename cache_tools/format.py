@@ -22,6 +22,7 @@ A cache is a zarr v3 group (a directory)::
       structures/atom_count          (M,)   int32     heavy atoms voxelized
       structures/origin_range        (M, 2) int64     [start, stop); contiguous, tiling 0..N-1
       structures/split               (M,)   uint8     optional; codes name attrs["splits"]
+    (attrs["metadata_crc32"] holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
 
 Inside a shard, origin ``j`` occupies bytes ``[j * B, (j + 1) * B)`` where B is the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,12 @@ STRUCTURE_ATOM_COUNT = "structures/atom_count"
 STRUCTURE_ORIGIN_RANGE = "structures/origin_range"
 STRUCTURE_SPLIT = "structures/split"
 BUILD_DIR = ".build"
+# Single-chunk metadata arrays (ragged columns as their two parts); attrs["metadata_crc32"]
+# records the crc32 of each one's chunk file when the build completes.
+METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
+                   STRUCTURE_ID + "_utf8", STRUCTURE_ID + "_offsets",
+                   STRUCTURE_SOURCE_PATH + "_utf8", STRUCTURE_SOURCE_PATH + "_offsets",
+                   STRUCTURE_SHA256, STRUCTURE_ATOM_COUNT, STRUCTURE_ORIGIN_RANGE, STRUCTURE_SPLIT)
 
 STORAGE_DTYPES = ("float32", "float16", "uint8")
 UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay below this; see docs
@@ -165,6 +173,22 @@ def read_array(root: str | os.PathLike, name: str, mmap: bool = True) -> np.ndar
     if mmap:
         return np.memmap(path, dtype=dtype, mode="r", shape=shape).view(np.ndarray)
     return np.fromfile(path, dtype=dtype).reshape(shape)
+
+
+def chunk_crc32(root: str | os.PathLike, name: str) -> int:
+    """crc32 of a single-chunk array's data file (raises OSError if it is missing)."""
+    path = single_chunk_path(root, name, len(array_meta(root, name)["shape"]))
+    crc = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def metadata_checksums(root: str | os.PathLike) -> dict[str, int]:
+    """{array name: crc32} of every metadata array present, for attrs["metadata_crc32"]."""
+    return {name: chunk_crc32(root, name) for name in METADATA_ARRAYS
+            if Path(root, name, "zarr.json").exists()}
 
 
 def read_ragged_strings(root: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray]:

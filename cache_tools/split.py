@@ -61,6 +61,8 @@ def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: i
     codes[order[n_val + n_test:]] = names.index("train")
     fmt.write_array(root, fmt.STRUCTURE_SPLIT, codes)
     fmt.update_attrs(root, splits=names,
+                     metadata_crc32={**attrs.get("metadata_crc32", {}),
+                                     fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)},
                      split_params={"val": val, "test": test, "seed": seed,
                                    "from_files": sorted((from_files or {}).keys())})
     return {name: int((codes == i).sum()) for i, name in enumerate(names)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ import pipeline
 from cache_tools import format as fmt
 from pipeline import write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
-from pipeline.parse import MMCIF_SUFFIXES, ParseError, file_sha256, parse_atoms, structure_key
+from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
 from pipeline.voxelize import ImageSpec, Storage, image_reach_A, origin_rotations, rotate_about, voxelize
 
 TARGET_SHARD_BYTES = 256 * 2**20
@@ -71,10 +72,11 @@ class BuildParams:
             "voxelizer": self.image.voxelizer_attrs(),
             "storage": self.storage.to_attrs(),
             "origins": (self.rule.to_attrs() if not self.origins_file else
-                        {"rule": "file", "path": str(self.origins_file), "sha256": origins_sha}),
+                        {"rule": "file", "path": str(self.origins_file), "sha256": origins_sha,
+                         "seed": self.rule.seed}),  # the seed still draws --rotations
             "rotations": self.rotations,
             "origins_per_shard": self.origins_per_shard,
-            "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode()).hexdigest(),
+            "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode("utf-8", "surrogateescape")).hexdigest(),
             "n_inputs": len(sources),
         }
 
@@ -101,9 +103,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if item.startswith("@"):
             list_file = Path(item[1:])
             try:
-                lines = list_file.read_text(encoding="utf-8").splitlines()
+                # Paths as the filesystem spells them (surrogateescape), a Windows editor's BOM ignored.
+                text = list_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
             except OSError as exc:
                 raise InputError(f"{list_file}: cannot read input list ({exc.strerror or exc})") from None
+            if "\x00" in text:
+                raise InputError(f"{list_file}: input list is not a text file (expected one path per line)")
+            lines = text.splitlines()
             base = list_file.parent
             entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             found.update(expand_inputs([str(base / e) if not os.path.isabs(e) else e for e in entries]))
@@ -130,13 +136,24 @@ def _raise_walk_error(exc: OSError) -> None:
 
 
 def structure_ids(sources: list[Path]) -> list[str]:
-    """Unique ids from file names; a repeated name gets ``-2``, ``-3``... in input order."""
-    seen: dict[str, int] = {}
+    """Unique ids from file names; a repeated name gets ``-2``, ``-3``... in input order.
+
+    A suffixed id never takes an id that a file's own name gives (``1abc-2.cif``).
+    """
+    keys = [structure_key(path) for path in sources]
+    taken = set(keys)
+    seen: set[str] = set()
     ids = []
-    for path in sources:
-        key = structure_key(path)
-        seen[key] = seen.get(key, 0) + 1
-        ids.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    for key in keys:
+        if key not in seen:
+            seen.add(key)
+            ids.append(key)
+            continue
+        n = 2
+        while f"{key}-{n}" in taken:
+            n += 1
+        taken.add(f"{key}-{n}")
+        ids.append(f"{key}-{n}")
     return ids
 
 
@@ -147,12 +164,14 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
     """Parse files and pick their origins; returns (file index, origins or -1 on failure)."""
     out = []
     for index, source, sid in items:
+        sha, reason = "", None
         try:
+            check_source(source)  # before opening: a FIFO would block forever
             sha = file_sha256(source)
+        except ParseError as exc:
+            reason = str(exc)
         except OSError as exc:
-            sha, reason = "", f"cannot read: {exc.strerror or exc}"
-        else:
-            reason = None
+            reason = f"cannot read: {exc.strerror or exc}"
         n = -1
         if reason is None:
             try:
@@ -167,16 +186,18 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                         raise ParseError(
                             f"no origins: no atom has >= {rule.min_neighbors} heavy atoms within "
                             f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
-                write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
-                                  channel=atoms.channel.astype(np.int8))
-                n = len(centers)
             except ParseError as exc:
                 reason = str(exc)
             except (ImportError, MemoryError):
                 raise  # a broken environment, not a broken file: stop the build and say so
             except Exception as exc:  # gemmi/numpy surprises: one line, never abort the build
                 reason = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # Writes into the store stay outside the try: an OSError here (a full disk) is not the
+        # file's fault, so it stops the build (resumable) instead of recording the file as failed.
         if reason is None:
+            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
+                              channel=atoms.channel.astype(np.int8))
+            n = len(centers)
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha))
         else:
@@ -186,38 +207,58 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
 
 
 def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
-               storage: Storage, rotations: int) -> tuple[int, int]:
-    """Voxelize one shard's origins; pieces are (file index, first origin, stop origin)."""
-    from scipy.spatial import cKDTree
+               storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None) -> tuple[int, int]:
+    """Voxelize one shard's origins; pieces are (file index, first origin, stop origin).
 
+    ``expected_crc32`` (a repair): refuse to publish bytes that differ from the build's.
+    """
     layout = fmt.VoxelLayout(root)
     centers = fmt.read_array(root, fmt.CENTER)
     mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
     saturated = 0
-    buffer = np.empty(spec.shape, dtype=np.float32)
-    reach = image_reach_A(spec) + 1e-6
 
     def origin_bytes():
         nonlocal saturated
         for index, start, stop in pieces:
             atoms = write.load_npz(write.atoms_path(root, index))
-            xyz, channel = atoms["xyz"], atoms["channel"].astype(np.int64)
-            tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
+            encoder = OriginEncoder(atoms["xyz"], atoms["channel"], spec, storage)
             for origin in range(start, stop):
-                center = centers[origin].astype(np.float64)
-                near = np.sort(np.asarray(tree.query_ball_point(center, reach), dtype=np.intp))  # keep atom order: same sums
-                near_xyz, near_channel = xyz[near], channel[near]
-                parts = []
-                for r in range(rotations):
-                    coords = near_xyz if r == 0 else rotate_about(near_xyz, center, mats[origin, r].astype(np.float64))
-                    img = voxelize(coords, near_channel, center, spec, out=buffer)
-                    stored, sat = storage.encode(img)
-                    saturated += sat
-                    parts.append(stored.tobytes())
-                yield b"".join(parts) if rotations > 1 else parts[0]
+                stored, sat = encoder.encode(centers[origin], mats[origin] if mats is not None else None)
+                saturated += sat
+                yield stored
 
-    write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated)
+    write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated, expected_crc32=expected_crc32)
     return shard, layout.origins_in_shard(shard)
+
+
+class OriginEncoder:
+    """The stored bytes of any origin of one structure: the build's write path, reused by checks."""
+
+    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage):
+        from scipy.spatial import cKDTree
+
+        self.xyz, self.channel = xyz, channel.astype(np.int64)
+        self.tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
+        self.spec, self.storage = spec, storage
+        self.reach = image_reach_A(spec) + 1e-6
+        self.buffer = np.empty(spec.shape, dtype=np.float32)
+
+    def encode(self, center: np.ndarray, rotations: np.ndarray | None = None) -> tuple[bytes, int]:
+        """(stored bytes, saturated voxels) of the image(s) centred on ``center``.
+
+        ``rotations`` (R, 3, 3), as stored in the cache, gives R images (the first is the
+        identity); None gives the one canonical image.
+        """
+        center = np.asarray(center).astype(np.float64)
+        near = np.sort(np.asarray(self.tree.query_ball_point(center, self.reach), dtype=np.intp))  # keep atom order: same sums
+        near_xyz, near_channel = self.xyz[near], self.channel[near]
+        parts, saturated = [], 0
+        for r in range(1 if rotations is None else len(rotations)):
+            coords = near_xyz if r == 0 else rotate_about(near_xyz, center, rotations[r].astype(np.float64))
+            stored, sat = self.storage.encode(voxelize(coords, near_channel, center, self.spec, out=self.buffer))
+            saturated += sat
+            parts.append(stored.tobytes())
+        return b"".join(parts), saturated
 
 
 # --- orchestration ----------------------------------------------------------------------
@@ -244,6 +285,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
     fingerprint = params.fingerprint(sources)
     summary = BuildSummary(out=str(root))
     summary.resumed = _prepare_store(root, fingerprint, overwrite)
+    if summary.resumed:
+        _remove_stale_temporaries(root)
     attrs = fmt.read_attrs(root)
     if attrs.get("complete"):
         summary.already_complete = True
@@ -255,7 +298,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                 if not write.scan_path(root, i).exists()]
         batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
-        futures = [client.submit(scan_task, str(root), b, params.channels, params.rule, listed_future,
+        futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
                                  pure=False) for b in batches]
         _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
              unit="file", progress=progress, weight=len)
@@ -269,7 +312,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
 
         # Phase 2: write shards.
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
-        futures = [client.submit(write_task, str(root), s, _pieces(table, layout, s), params.image,
+        futures = [client.submit(_run_task, write_task, str(root), s, _pieces(table, layout, s), params.image,
                                  params.storage, params.rotations, pure=False) for s in pending]
         done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
         _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
@@ -281,7 +324,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
     saturated = sum(sat for _, sat in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
-        root, complete=True, failures=table["failures"],
+        root, complete=True, failures=table["failures"], metadata_crc32=fmt.metadata_checksums(root),
         build={**(attrs.get("build") or {}),
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
@@ -301,7 +344,9 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
             attrs = None
         if attrs is not None and attrs.get("params") == fingerprint and not overwrite:
             return True
-        if attrs is None and any(root.iterdir()):
+        # A build stopped before its first zarr.json (disk full, kill) leaves only these.
+        if attrs is None and any(p.name != fmt.BUILD_DIR and not p.name.startswith(".zarr.json.tmp-")
+                                 for p in root.iterdir()):
             raise InputError(f"{root}: exists and is not a voxel cache; refusing to write into it "
                              "(choose another --out)")
         if attrs is not None and not overwrite:
@@ -386,6 +431,37 @@ def _pieces(table: dict, layout: fmt.VoxelLayout, shard: int) -> list[tuple[int,
     return pieces
 
 
+@dataclass(frozen=True)
+class _TaskOSError:
+    """An OSError of a task (a full disk, a store that became unwritable), returned, not raised:
+    raised, dask would log its traceback on the worker, i.e. on the terminal of a local build."""
+
+    errno: int | None
+    strerror: str
+    filename: str | None
+
+
+def _run_task(task, *args):
+    try:
+        return task(*args)
+    except OSError as exc:
+        return _TaskOSError(exc.errno, exc.strerror or str(exc),
+                            None if exc.filename is None else os.fsdecode(exc.filename))
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` files a metadata write left when it failed (e.g. disk full).
+
+    They are fmt.write_json_atomic / fmt.write_array temporaries, named by the dead
+    process's pid, so no later write replaces them; .build/ is cleaned up on its own.
+    """
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != fmt.BUILD_DIR]
+        for name in files:
+            if re.fullmatch(r"\..+\.tmp-\d+", name):
+                Path(dirpath, name).unlink(missing_ok=True)
+
+
 def _run(futures, *, total: int, initial: int, desc: str, unit: str, progress: bool, weight):
     """Wait for futures with a tqdm bar; a task error aborts the build with its message."""
     from distributed import as_completed
@@ -401,6 +477,10 @@ def _run(futures, *, total: int, initial: int, desc: str, unit: str, progress: b
                 for f in futures:
                     f.cancel()
                 raise BuildError(f"{desc} task failed: {type(exc).__name__}: {exc}") from exc
+            if isinstance(result, _TaskOSError):  # e.g. a full disk: the caller says "rerun to resume"
+                for f in futures:
+                    f.cancel()
+                raise OSError(result.errno, result.strerror, result.filename)
             results.append(result)
             bar.update(weight(result))
     return results
@@ -426,8 +506,11 @@ class _dask_client:
                 raise BuildError(f"cannot connect to dask scheduler {self.scheduler}: {exc}") from None
             return self.client
         n = self.workers or max(1, os.cpu_count() or 1)
+        # No dashboard; the scheduler's small HTTP server (health, metrics) still starts, so
+        # give it any free local port: its default, 8787, prints a warning when taken.
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=logging.ERROR)
+                                    dashboard_address=None, silence_logs=logging.ERROR,
+                                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         self.client = Client(self.cluster)
         return self.client
 
@@ -448,3 +531,68 @@ def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -
     summary.elapsed_s = time.time() - started
     summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
     return summary
+
+
+# --- repair -----------------------------------------------------------------------------
+
+def params_from_attrs(attrs: dict) -> BuildParams:
+    """The parameters a cache was built with, from its attributes (to re-voxelize its origins)."""
+    p = attrs["params"]
+    rule = p["origins"]
+    storage = p["storage"]
+    return BuildParams(
+        channels=p["channels"], image=ImageSpec(**p["image"]),
+        storage=Storage(storage["dtype"], storage.get("uint8_max", fmt.UINT8_DEFAULT_MAX)),
+        rule=OriginRule(**{k: v for k, v in rule.items() if k != "rule"}) if rule["rule"] != "file"
+        else OriginRule(seed=rule.get("seed", 0)),
+        rotations=int(p["rotations"]), origins_file=rule.get("path"),
+        origins_per_shard=int(p["origins_per_shard"]))
+
+
+def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int, Path],
+                   progress: bool = True) -> None:
+    """Rewrite voxel shards of a complete cache from their structures' sources.
+
+    The build's own write task re-parses every structure overlapping each shard
+    (``sources``: structure index -> file, already checked unchanged by the caller)
+    and publishes a shard only if every origin reproduces the checksum recorded at
+    build time; the shard is the unit because it is replaced atomically. Raises
+    BuildError naming the shard otherwise; untouched shards are never rewritten.
+    """
+    from tqdm import tqdm
+
+    root = Path(root).absolute()
+    attrs = fmt.read_attrs(root)
+    params = params_from_attrs(attrs)
+    installed = params.image.voxelizer_attrs()["version"]
+    if attrs["params"]["voxelizer"]["version"] != installed:
+        raise BuildError(f"{root}: built with macromol_voxelize {attrs['params']['voxelizer']['version']}, "
+                         f"{installed} is installed; install the build's version to repair")
+    layout = fmt.VoxelLayout(root)
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    atom_count = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
+    crc32 = fmt.read_array(root, fmt.CRC32)
+    table = {"ranges": ranges, "file_index": range(len(ranges))}  # atoms are saved by structure index
+    (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
+    try:
+        for shard in tqdm(shards, desc="repair", unit="shard", disable=not progress):
+            pieces = _pieces(table, layout, shard)
+            for k, _, _ in pieces:
+                if write.atoms_path(root, k).exists():
+                    continue
+                try:
+                    atoms = parse_atoms(sources[k], params.channels)
+                except ParseError as exc:
+                    raise BuildError(f"{sources[k]}: {exc}") from None
+                if len(atoms) != atom_count[k]:
+                    raise BuildError(f"{sources[k]}: parses to {len(atoms)} atoms, the cache recorded "
+                                     f"{atom_count[k]} (parse rules changed?); rebuild the cache instead")
+                write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8))
+            lo = shard * layout.origins_per_shard
+            try:
+                write_task(str(root), shard, pieces, params.image, params.storage, params.rotations,
+                           expected_crc32=crc32[lo:lo + layout.origins_in_shard(shard)])
+            except write.ChecksumMismatch as exc:
+                raise BuildError(f"shard {shard} not repaired: {exc}") from None
+    finally:
+        shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)

@@ -9,6 +9,7 @@ Exit codes of `pipeline build-cache`:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -129,7 +130,8 @@ def run_build(args: argparse.Namespace) -> int:
         return 2 if isinstance(exc, InputError) else 1
     except OSError as exc:  # e.g. disk full while writing: the store stays resumable
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"pipeline build-cache: {exc.strerror or exc}{where}; free space and rerun the same "
+        fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix this"
+        print(f"pipeline build-cache: {exc.strerror or exc}{where}; {fix} and rerun the same "
               "command to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
+import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +76,31 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_source(path: str | os.PathLike) -> None:
+    """Raise ParseError unless ``path`` is a regular file whose name the cache can store.
+
+    Checked before anything opens the file: opening a FIFO blocks forever, and a device
+    like /dev/zero never ends.
+    """
+    path = Path(path)
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("file name is not valid UTF-8 (the cache stores names as UTF-8); rename the file") from None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if path.is_symlink() and isinstance(exc, FileNotFoundError):
+            raise ParseError(f"broken symbolic link (target {os.readlink(path)} does not exist)") from None
+        raise ParseError(f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise ParseError("is a directory")
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        raise ParseError(f"{kind}, not a regular file")
+
+
 def _read_text(path: Path) -> str:
     """Read (and gunzip) a file, turning every low-level failure into a one-line reason."""
     try:
@@ -109,22 +137,28 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
     try:
         doc = gemmi.cif.read_string(text)
     except (RuntimeError, ValueError) as exc:
-        raise ParseError(f"not a CIF file ({_first_line(exc)})") from None
+        detail = _gemmi_message(exc)
+        if "expected block header" in detail:
+            raise ParseError(_not_cif_reason(text) or f"not a CIF file ({detail})") from None
+        raise ParseError(f"malformed CIF, truncated or corrupt ({detail})") from None
     if len(doc) == 0:
         raise ParseError("no data block (not a CIF file)")
     block = next((b for b in doc if b.find_mmcif_category("_atom_site.")), None)
     if block is None:
-        kind = "small-molecule CIF" if doc[0].find_value("_cell_length_a") and doc[0].find_loop(
-            "_atom_site_label") else "chemical-component CIF" if doc[0].find_mmcif_category(
-            "_chem_comp_atom.") else "CIF"
-        raise ParseError(f"{kind} without an _atom_site table (not an mmCIF coordinate file)")
+        raise ParseError(_no_atom_site_reason(doc[0]))
     try:
         st = gemmi.make_structure_from_block(block)
     except (RuntimeError, ValueError) as exc:
-        raise ParseError(f"malformed _atom_site table ({_first_line(exc)})") from None
+        raise ParseError(f"malformed _atom_site table ({_gemmi_message(exc)})") from None
     n_models = len(st)
     if n_models == 0:
-        raise ParseError("no models in the _atom_site table")
+        rows = len(block.find_mmcif_category("_atom_site."))
+        if rows == 0:
+            raise ParseError("empty _atom_site table (0 atom rows, so no models)")
+        missing = [f"_atom_site.{tag}" for tag in _ATOM_SITE_REQUIRED if block.find_value(f"_atom_site.{tag}") is None
+                   and not block.find_loop(f"_atom_site.{tag}")]
+        raise ParseError(f"_atom_site table has {rows} rows but no models"
+                         + (f" (missing column {', '.join(missing)})" if missing else ""))
     st.remove_hydrogens()
     st.remove_alternative_conformations()
     st.remove_waters()
@@ -149,6 +183,9 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
                 if ch is None:
                     continue
                 p = atom.pos
+                if not (math.isfinite(p.x) and math.isfinite(p.y) and math.isfinite(p.z)):
+                    raise ParseError(f"atom {atom.name} of {residue.name} {chain.name}{residue.seqid.num}: "
+                                     "missing or non-numeric coordinates in _atom_site.Cartn_x/y/z")
                 coords.append((p.x, p.y, p.z))
                 chans.append(ch)
     if not chans:
@@ -161,3 +198,42 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+# Columns without which gemmi reads an _atom_site table as zero models (gemmi 0.7 mmread).
+_ATOM_SITE_REQUIRED = ("id", "type_symbol", "label_alt_id", "label_asym_id", "Cartn_x", "Cartn_y", "Cartn_z")
+_PDB_RECORDS = ("HEADER", "TITLE ", "COMPND", "SOURCE", "REMARK", "CRYST1", "ATOM  ", "HETATM", "MODEL ",
+                "EXPDTA", "AUTHOR", "SEQRES", "KEYWDS", "ORIGX1", "SCALE1")
+
+
+def _gemmi_message(exc: BaseException) -> str:
+    """gemmi's 'string:12:0(345): msg' (we parse from memory) as 'line 12: msg'."""
+    text = re.sub(r"^string:(\d+)(?::\d+\(\d+\))?(?: in data_\S+)?:?\s*", r"line \1: ", _first_line(exc))
+    return re.sub(r"^string:\s*", "", text)
+
+
+def _not_cif_reason(text: str) -> str | None:
+    """A specific reason for common non-CIF files given a CIF name (PDB format, a web page)."""
+    head = text.lstrip()[:4096]
+    if any(line.startswith(_PDB_RECORDS) for line in head.splitlines()[:5]):
+        return "PDB-format file, not mmCIF (convert it, e.g. `gemmi convert in.pdb out.cif`)"
+    if head[:1] == "<" and re.search(r"<(!doctype html|html|head|body)\b", head, re.IGNORECASE):
+        return "an HTML page, not a CIF file (a failed download?)"
+    if head[:1] == "<":
+        return "an XML/HTML document, not a CIF file"
+    return None
+
+
+def _no_atom_site_reason(block) -> str:
+    """Why a CIF data block has no mmCIF coordinates: what kind of CIF it is."""
+    if block.find_value("_cell_length_a") is not None or block.find_loop("_atom_site_fract_x"):
+        kind = "small-molecule CIF"  # CIF 1 core dictionary: fractional coordinates, no _atom_site.Cartn_x
+    elif block.find_mmcif_category("_chem_comp_atom.") and block.find_value("_entry.id") is None:
+        kind = "chemical-component CIF"  # a CCD/monomer-library entry: one ligand's ideal geometry
+    elif block.find_mmcif_category("_refln."):
+        kind = "structure-factor mmCIF (reflections)"
+    elif block.find_value("_entry.id") is not None:
+        kind = "mmCIF entry"  # e.g. a header-only file
+    else:
+        kind = "CIF"
+    return f"{kind} without an _atom_site table (not an mmCIF coordinate file)"

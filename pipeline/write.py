@@ -95,10 +95,17 @@ def shard_is_done(root, layout: fmt.VoxelLayout, shard: int) -> bool:
             and path.stat().st_size == layout.shard_nbytes(shard))
 
 
-def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lambda: 0) -> np.ndarray:
+class ChecksumMismatch(ValueError):
+    """A rewritten origin does not reproduce the checksum the build recorded for it."""
+
+
+def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lambda: 0,
+                expected_crc32: np.ndarray | None = None) -> np.ndarray:
     """Write shard ``shard`` from an iterable of each origin's stored bytes; return their crc32s.
 
     ``saturated()`` is asked after the last origin for the count of clipped voxels.
+    With ``expected_crc32`` (a repair), an origin whose bytes differ from the recorded
+    checksum aborts the write before anything is published.
 
     The shard file is published before its done-marker, so a marker never points at
     a half-written shard.
@@ -112,6 +119,9 @@ def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lam
                 raise ValueError(f"origin {shard * layout.origins_per_shard + j}: "
                                  f"{len(buf)} bytes, expected {layout.origin_nbytes}")
             crcs[j] = zlib.crc32(buf)
+            if expected_crc32 is not None and crcs[j] != expected_crc32[j]:
+                raise ChecksumMismatch(f"origin {shard * layout.origins_per_shard + j}: rebuilt bytes do "
+                                       "not match the checksum recorded by the build")
             count += 1
             yield buf
         if count != len(crcs):

@@ -1,11 +1,13 @@
 """Shared fixtures: small real caches built from the bundled mmCIF files."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from cache_tools import format as fmt
 from pipeline.build import BuildParams, build_cache
 from pipeline.origins import OriginRule
 from pipeline.parse import parse_channels
@@ -56,3 +58,18 @@ def copy_of():
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of a store, with build timestamps removed from the root attributes."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = str(path.relative_to(root))
+            data = path.read_bytes()
+            if rel == "zarr.json":
+                meta = json.loads(data)
+                meta["attributes"][fmt.ATTRS_KEY].pop("build")
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[rel] = data
+    return files

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader
 
 from cache_tools import BlockShuffleSampler, RandomCubeRotation, VoxelCacheDataset, batch_collate
 from cache_tools.dataset import SampleBatch

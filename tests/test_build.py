@@ -1,8 +1,6 @@
 """build-cache on real mmCIF files with a real dask LocalCluster."""
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +18,7 @@ from cache_tools import format as fmt
 from pipeline.build import InputError, build_cache
 from pipeline.parse import parse_atoms, parse_channels
 
-from conftest import DATA, SMALL_FILES, build_small, small_params
+from conftest import DATA, SMALL_FILES, build_small, small_params, store_files
 
 CHANNELS = parse_channels("C,N,O,*")
 
@@ -99,21 +97,6 @@ def test_crc_and_metadata_readable_without_zarr(cache_factory):
     assert not (root / fmt.BUILD_DIR).exists()
 
 
-def store_files(root: Path) -> dict[str, bytes]:
-    """Every file of a store, with build timestamps removed from the root attributes."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            rel = str(path.relative_to(root))
-            data = path.read_bytes()
-            if rel == "zarr.json":
-                meta = json.loads(data)
-                meta["attributes"][fmt.ATTRS_KEY].pop("build")
-                data = json.dumps(meta, sort_keys=True).encode()
-            files[rel] = data
-    return files
-
-
 def test_one_and_two_workers_identical(tmp_path, cache_factory):
     one = tmp_path / "one.zarr"
     build_small(one, workers=1)
@@ -162,12 +145,17 @@ def test_kill_9_then_rerun_is_identical(tmp_path, kill_inputs, point):
         assert 4 <= count(scan, "*.npz") < 20 and count(done, "*.npz") == 0
     else:
         assert 2 <= count(done, "*.npz") < n_shards
+    check = [sys.executable, "-m", "cache_tools.cli", "check", str(out), "--quiet"]
+    before = subprocess.run(check, capture_output=True, text=True)
+    assert before.returncode == 1 and before.stdout.startswith("incomplete: the build has not finished")
     rerun = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed and completed" in rerun.stdout
     again = store_files(out)
     assert again.keys() == reference.keys()
     assert [k for k in again if again[k] != reference[k]] == []
+    after = subprocess.run(check, capture_output=True, text=True)
+    assert after.returncode == 0 and ": OK (" in after.stdout, after.stdout + after.stderr
 
 
 def test_bad_files_are_listed_and_the_rest_builds(tmp_path):

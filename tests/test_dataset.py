@@ -18,7 +18,7 @@ from cache_tools import format as fmt
 from cache_tools.rotations import CUBE_ROTATION_MATRICES, compose, inverse, rotate_tensor, rotate_view
 from cache_tools.split import assign_splits
 
-from conftest import DATA, build_small
+from conftest import DATA
 from test_build import reference_image, structure_of
 
 
