@@ -93,8 +93,9 @@ def origin_table(cache: str | os.PathLike, rows: int | None = None) -> dict[str,
 class _OnTheFly(torch.utils.data.Dataset):
     """Parse + voxelize per item, with the per-worker structure cache people add."""
 
-    def __init__(self, image: ImageParams) -> None:
+    def __init__(self, image: ImageParams, voxelize: bool = True) -> None:
         self.image = image
+        self.voxelize = voxelize   # False: metadata lookups only (isolates their copy-on-read)
         self._structures: dict[str, Atoms] = {}   # filled in each worker, per process
 
     def _atoms(self, path: str) -> Atoms:
@@ -104,6 +105,9 @@ class _OnTheFly(torch.utils.data.Dataset):
         return atoms
 
     def _voxelize(self, path: str, center: np.ndarray) -> torch.Tensor:
+        if not self.voxelize:
+            L = self.image.grid_voxels
+            return torch.zeros((len(self.image.channels), L, L, L))
         atoms = self._atoms(path)
         df = pl.DataFrame({"x": atoms.xyz[:, 0], "y": atoms.xyz[:, 1], "z": atoms.xyz[:, 2],
                            "channels": [[int(c)] for c in atoms.channel]}).with_columns(
@@ -119,8 +123,8 @@ class SeedInitialDataset(_OnTheFly):
     The DataFrame is built here, in the main process, and forked into every worker.
     """
 
-    def __init__(self, cache: str | os.PathLike, rows: int | None = None) -> None:
-        super().__init__(image_params(cache))
+    def __init__(self, cache: str | os.PathLike, rows: int | None = None, voxelize: bool = True) -> None:
+        super().__init__(image_params(cache), voxelize)
         table = origin_table(cache, rows)
         self.df = pd.DataFrame({"path": table["path"].tolist(), "x": table["x"], "y": table["y"],
                                 "z": table["z"], "tag": table["tag"].tolist(), "weight": table["weight"],
@@ -183,8 +187,8 @@ class SeedSqliteDataset(_OnTheFly):
     QUERY = ("SELECT s.path, o.x, o.y, o.z, o.origin_id FROM origins o "
              "JOIN structures s ON s.id = o.structure_id WHERE o.id = ?")
 
-    def __init__(self, cache: str | os.PathLike, db_path: str | os.PathLike) -> None:
-        super().__init__(image_params(cache))
+    def __init__(self, cache: str | os.PathLike, db_path: str | os.PathLike, voxelize: bool = True) -> None:
+        super().__init__(image_params(cache), voxelize)
         self.db_path = str(db_path)
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
         try:
