@@ -322,7 +322,7 @@ def prepare_inputs(work: Path, sizes: list[int], grid: int, dtype: str, log: Cal
         cache = work / f"cache-{size}-g{grid}-{dtype}.zarr"
         t = time.monotonic()
         summary = build_cache([str(structures)], cache, params_for(origins_file), workers=os.cpu_count(),
-                              progress=False, log=lambda *a, **k: None)
+                              overwrite=True, progress=False, log=lambda *a, **k: None)  # reused if current
         if summary.origins != size:
             raise SystemExit(f"{cache}: {summary.origins} origins, expected {size} ({summary.failures})")
         built_s = None if summary.already_complete else time.monotonic() - t

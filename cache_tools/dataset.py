@@ -186,15 +186,17 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         """Vectorized: sample indices (negative allowed) -> global origin ids."""
         state = self._local()
         if len(indices) and not (-self._len <= indices.min() and indices.max() < self._len):
-            bad = indices[(indices < -self._len) | (indices >= self._len)][0]
-            raise IndexError(f"index {bad} out of range for {self._len} samples"
-                             + (f" in split {self.split!r}" if self.split else ""))
+            self._index_error(indices[(indices < -self._len) | (indices >= self._len)][0])
         indices = indices % self._len if self._len else indices
         if state["split"] is None:
             return indices
         starts, cumulative = state["split"]
         k = np.searchsorted(cumulative, indices, side="right") - 1
         return starts[k] + indices - cumulative[k]
+
+    def _index_error(self, index: int):
+        raise IndexError(f"index {index} out of range for {self._len} samples"
+                         + (f" in split {self.split!r}" if self.split else ""))
 
     def _choices(self, index: int) -> tuple[int, int]:
         """(stored rotation, cube rotation) of sample ``index`` this epoch."""
@@ -217,11 +219,13 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not isinstance(index, (int, np.integer)):
             return self.__getitems__(index).data  # a list of indices: a ready batch
-        index = int(index) % self._len if -self._len <= index < self._len else index
-        origin = self.origin_id(index)
-        state = self._state  # opened for this process by origin_id()
+        if not -self._len <= index < self._len:
+            self._index_error(index)
+        index = int(index) % self._len
+        state = self._local()
+        origin = index if state["split"] is None else int(self._origin_ids(np.array([index]))[0])
         stored = self._stored(state, origin)
-        rotation, cube = self._choices(index)
+        rotation, cube = self._choices(index) if self.n_rotations > 1 or self.rotate else (0, 0)
         if self.n_rotations > 1:
             stored = stored[rotation]
         if cube:

@@ -342,8 +342,8 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
             attrs = fmt.read_attrs(root)
         except fmt.CacheError:
             attrs = None
-        if attrs is not None and attrs.get("params") == fingerprint and not overwrite:
-            return True
+        if attrs is not None and attrs.get("params") == fingerprint:
+            return True  # same parameters and inputs: resume (or nothing to do), --overwrite or not
         # A build stopped before its first zarr.json (disk full, kill) leaves only these.
         if attrs is None and any(p.name != fmt.BUILD_DIR and not p.name.startswith(".zarr.json.tmp-")
                                  for p in root.iterdir()):

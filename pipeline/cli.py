@@ -57,7 +57,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--origins-per-shard", type=int, default=0,
                    help="origins per shard file (default: automatic, ~256 MiB shards)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing cache built with other parameters")
+                   help="replace an existing cache built with other parameters or inputs "
+                        "(one built with the same ones is resumed, not rebuilt)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -206,6 +206,8 @@ def test_existing_store_with_other_params_is_refused(tmp_path, cache_factory):
     assert again.already_complete
     replaced = build_cache(files, out, small_params(grid=13), workers=1, progress=False, overwrite=True)
     assert fmt.VoxelLayout(out).image_shape == (4, 13, 13, 13) and replaced.origins == again.origins
+    # --overwrite replaces only what differs: the same parameters again find the cache complete
+    assert build_cache(files, out, small_params(grid=13), workers=1, progress=False, overwrite=True).already_complete
 
 
 def test_cli_errors_are_one_line(tmp_path):
