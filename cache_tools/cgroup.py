@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["CgroupUnavailable", "MemoryCap", "run_in_memory_cap", "format_cap_report"]
+__all__ = ["CgroupUnavailable", "MemoryCap", "run_in_memory_cap", "format_cap_report", "memory_budget"]
 
 _MIB = 1 << 20
 
@@ -106,6 +106,33 @@ def _read_keyed(path: Path) -> dict[str, int]:
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
+
+
+def memory_budget() -> int:
+    """Bytes this process may fill with anonymous memory and page cache together.
+
+    The smallest of the machine's RAM and the memory limits of our cgroup and its
+    ancestors (what SLURM's ``--mem`` sets), v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``; unlimited levels are skipped.
+    """
+    budget = None
+    for line in (_read(Path("/proc/meminfo")) or "").splitlines():
+        if line.startswith("MemTotal:"):
+            budget = int(line.split()[1]) * 1024
+    for mount in _cgroup_mounts():
+        own = _own_cgroup(mount.version)
+        if own is None:
+            continue
+        directory = _dir_for(mount, own)
+        limit_file = "memory.max" if mount.version == 2 else "memory.limit_in_bytes"
+        while True:
+            limit = _read_int(directory / limit_file)  # "max" (v2) reads as None
+            if limit is not None and limit < 1 << 60:  # v1 spells "no limit" as ~2**63
+                budget = limit if budget is None else min(budget, limit)
+            if directory == mount.mountpoint or directory.parent == directory:
+                break
+            directory = directory.parent
+    return budget if budget is not None else 1 << 62
 
 
 def _why(exc: OSError) -> str:

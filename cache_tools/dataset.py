@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cache_tools import format as fmt
+from cache_tools.cgroup import memory_budget
 from cache_tools.rotations import N_CUBE_ROTATIONS, rotate_view
 
 _MASK64 = (1 << 64) - 1
@@ -54,15 +55,19 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     Batches: ``DataLoader(ds, batch_size=B, collate_fn=batch_collate)`` reads each
     batch with :meth:`__getitems__` into one buffer and hands it over without a
-    second copy (``pin_memory=True`` allocates that buffer pinned when CUDA exists;
-    ``prefetch=True`` asks the kernel to read each batch's pages at once, which pays
-    off when the cache is larger than RAM).
+    second copy (``pin_memory=True`` allocates that buffer pinned when CUDA exists).
+
+    ``prefetch`` asks the kernel for each batch's (or item's) pages at once
+    (MADV_WILLNEED). ``None`` (the default) turns it on when the cache holds more than
+    half of this process's memory budget (RAM, or the cgroup limit SLURM sets), i.e.
+    when its pages cannot all stay cached: there it is 19x faster under a cap below
+    the cache size; on a warm cache it costs 25-40% (BENCHMARKS.md).
     """
 
     def __init__(self, cache: str | os.PathLike, split: str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
-                 prefetch: bool = False):
+                 prefetch: bool | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -83,6 +88,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.verify = verify
         self.pin_memory = pin_memory
+        if prefetch is None:
+            prefetch = self.layout.n_origins * self.layout.origin_nbytes > memory_budget() // 2
         self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._len = self.layout.n_origins if split is None else int(self._split_table()[1][-1])
@@ -151,11 +158,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def _prefetch(self, state: dict, sorted_origins: np.ndarray) -> None:
         """Ask the kernel to read every origin of a batch now, in parallel (MADV_WILLNEED).
 
-        On a cold page cache this lets the disk serve the whole batch at once instead
-        of one page fault at a time (+30-55% images/s in benchmarks/cold_reads.py); on a
-        warm cache the kernel still walks every page of the range, which cost a third of
-        the throughput for float32 images: hence off by default, on for caches that do
-        not fit in RAM.
+        The kernel reads exactly these ranges, at once, instead of faulting page by page
+        with 128 KiB of read-around each time, which floods a memory-capped page cache
+        with neighbours nobody asked for (benchmarks/cold_reads.py, loader_memory.py
+        --memory-cap). On a warm cache the kernel still walks every page of the range,
+        hence only for caches that do not fit.
         """
         per_shard, nbytes = self.layout.origins_per_shard, self.layout.origin_nbytes
         breaks = np.flatnonzero(np.diff(sorted_origins) != 1) + 1
@@ -224,6 +231,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         index = int(index) % self._len
         state = self._local()
         origin = index if state["split"] is None else int(self._origin_ids(np.array([index]))[0])
+        if self.prefetch:
+            self._prefetch(state, np.array([origin]))
         stored = self._stored(state, origin)
         rotation, cube = self._choices(index) if self.n_rotations > 1 or self.rotate else (0, 0)
         if self.n_rotations > 1:
@@ -333,7 +342,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, dtype={self.layout.dtype.name}, "
-                f"rotate={self.rotate}, stored_rotations={self.n_rotations})")
+                f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")
 
 
 def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:

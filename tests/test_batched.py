@@ -99,3 +99,5 @@ def test_prefetch_reads_the_same(cache_factory):
     hinted = VoxelCacheDataset(cache_factory("uint8"), prefetch=True)
     ids = [0, 1, 2, 40, 41, len(plain) - 1, 7]
     assert torch.equal(plain.__getitems__(ids).data["image"], hinted.__getitems__(ids).data["image"])
+    assert all(torch.equal(plain[i]["image"], hinted[i]["image"]) for i in ids)
+    assert plain.prefetch is False, "auto: a cache far smaller than RAM needs no prefetch"

@@ -133,7 +133,7 @@ for epoch in range(2):
             if origin in check:
                 kept[origin] = batch["image"][k].numpy().copy()
 np.savez(out, seen=seen, ids=np.array(sorted(kept)), images=np.stack([kept[o] for o in sorted(kept)]))
-print("done", flush=True)
+print("done, prefetch", ds.prefetch, flush=True)
 """
 
 
@@ -178,7 +178,8 @@ def test_cache_loader_under_a_cap_smaller_than_its_shard_file(tmp_path):
             stdout, stderr = child.communicate()
             pytest.fail(f"no finish within 120 s under a {cap_bytes // MiB} MiB cap: {cap.report()}")
         report = cap.report()
-    assert child.returncode == 0 and stdout.strip() == "done", (
+    # prefetch=None (auto) saw a cache larger than half its cgroup's limit and turned it on
+    assert child.returncode == 0 and stdout.strip() == "done, prefetch True", (
         f"the cache loader did not complete under the cap (exit {child.returncode}, cgroup {report}): "
         f"{stderr[-2000:]}")
     assert report["oom_kills"] == 0, report
