@@ -13,15 +13,18 @@ different from one that merely maps the cache.  ``/proc/<pid>/smaps_rollup``
   and copy-on-write copies (not reclaimable without swap: this is what the OOM
   killer counts), file pages (reclaimable: an mmap'd cache can exceed the memory
   limit), or shared memory (tmpfs, torch shared tensors);
-* USS (Private_Clean + Private_Dirty): what a process frees when it exits, i.e. the
-  growth of a single worker.
+* USS (Private_Clean + Private_Dirty): what a process frees when it exits. It also
+  counts clean file pages only this process happens to map (cache images only this
+  worker has read so far): page cache, shared as soon as another process maps them;
+* private anonymous (min(Private_Dirty, Anonymous), ``uss_anon``): the part of USS that
+  is heap and copy-on-write copies -- the growth of a worker that no reclaim undoes.
 
 Sampling output, written incrementally (flushed every sample, so it survives an
 OOM kill of the profiled job) into ``out_dir``:
 
 ``memory.csv`` -- one row per process per sample::
 
-    t_s,pid,ppid,role,name,rss,pss,pss_anon,pss_file,pss_shmem,uss,shared,swap
+    t_s,pid,ppid,role,name,rss,pss,pss_anon,pss_file,pss_shmem,uss,uss_anon,shared,swap
 
     t_s        seconds since the profiler started (3 decimals); rows of one sample share it
     pid, ppid  process id and parent process id
@@ -34,6 +37,7 @@ OOM kill of the profiled job) into ``out_dir``:
     pss_file   Pss_File:  file-backed (mmap'd files, libraries)
     pss_shmem  Pss_Shmem: shared memory / tmpfs
     uss        Private_Clean + Private_Dirty: freed when the process exits
+    uss_anon   min(Private_Dirty, Anonymous): the private anonymous part of uss
     shared     Shared_Clean + Shared_Dirty: resident pages also mapped by another process
     swap       Swap: swapped-out anonymous pages of the process
 
@@ -71,7 +75,7 @@ __all__ = [
 ]
 
 CSV_COLUMNS = ("t_s", "pid", "ppid", "role", "name", "rss", "pss", "pss_anon", "pss_file",
-               "pss_shmem", "uss", "shared", "swap")
+               "pss_shmem", "uss", "uss_anon", "shared", "swap")
 MARKS_COLUMNS = ("t_s", "label")
 SMAPS_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean", "Shared_Dirty",
               "Private_Clean", "Private_Dirty", "Swap", "SwapPss", "Anonymous")
@@ -318,6 +322,7 @@ class Sample(NamedTuple):
     pss_file: int
     pss_shmem: int
     uss: int
+    uss_anon: int
     shared: int
     swap: int
 
@@ -331,11 +336,14 @@ class _Track:
     name: str
     t: array = field(default_factory=lambda: array("d"))
     uss: array = field(default_factory=lambda: array("d"))
+    uss_anon: array = field(default_factory=lambda: array("d"))
     peak_uss: int = 0
     peak_uss_t: float = 0.0
     peak_pss: int = 0
     peak_rss: int = 0
     final_uss: int = 0
+    peak_uss_anon: int = 0
+    final_uss_anon: int = 0
     first_t: float = 0.0
     last_t: float = 0.0
 
@@ -377,6 +385,9 @@ class _Timeline:
         tr.ppid, tr.role, tr.name, tr.last_t, tr.final_uss = s.ppid, s.role, s.name, s.t_s, s.uss
         tr.t.append(s.t_s)
         tr.uss.append(s.uss)
+        tr.uss_anon.append(s.uss_anon)
+        tr.final_uss_anon = s.uss_anon
+        tr.peak_uss_anon = max(tr.peak_uss_anon, s.uss_anon)
         if s.uss > tr.peak_uss:
             tr.peak_uss, tr.peak_uss_t = s.uss, s.t_s
         tr.peak_pss = max(tr.peak_pss, s.pss)
@@ -420,6 +431,7 @@ class _Timeline:
                  "first_t": tr.first_t, "last_t": tr.last_t,
                  "ended_t": ended_t(tr),
                  "peak_uss": tr.peak_uss, "peak_uss_t": tr.peak_uss_t, "final_uss": tr.final_uss,
+                 "peak_uss_anon": tr.peak_uss_anon, "final_uss_anon": tr.final_uss_anon,
                  "peak_pss": tr.peak_pss, "peak_rss": tr.peak_rss}
                 for tr in procs],
             "marks": [[t, label] for t, label in self.marks],
@@ -583,7 +595,7 @@ class MemoryProfiler:
             rows.append(((pid, stat.starttime), Sample(
                 0.0, pid, stat.ppid, roles[pid], stat.comm, sm["Rss"], sm["Pss"], sm["Pss_Anon"],
                 sm["Pss_File"], sm["Pss_Shmem"], sm["Private_Clean"] + sm["Private_Dirty"],
-                sm["Shared_Clean"] + sm["Shared_Dirty"], sm["Swap"])))
+                min(sm["Private_Dirty"], sm["Anonymous"]), sm["Shared_Clean"] + sm["Shared_Dirty"], sm["Swap"])))
 
         with self._lock:
             if self._stopped:
@@ -701,16 +713,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  (no Pss_Anon/Pss_File breakdown: this kernel's smaps_rollup lacks it)")
     if s.get("peak_swap"):
         lines.append(f"  Σ Swap peak      {_mib(s['peak_swap']):>12}")
-    lines.append("  per-process USS (pages mapped by this process alone: what its own growth costs):")
+    lines.append("  per process, peak -> final: private anon = its own growth (heap, copy-on-write copies);")
+    lines.append("  USS = that plus clean file pages only it maps (cache pages, reclaimable)")
     for role in ROLES:
         procs = [p for p in s["processes"] if p["role"] == role]
         for p in procs:
             status = f"ended at {p['ended_t']:.1f} s" if p.get("ended_t") is not None else "alive at end"
-            lines.append(f"    {role:<6} pid {p['pid']:<7} {p['name'][:16]:<16} peak {_mib(p['peak_uss']):>12}"
-                         f"   final {_mib(p['final_uss']):>12}   ({status})")
+            lines.append(f"    {role:<6} {p['pid']:<7} {p['name'][:14]:<14} private anon "
+                         f"{p.get('peak_uss_anon', 0) / MIB:7.1f} -> {p.get('final_uss_anon', 0) / MIB:7.1f}"
+                         f"   USS {p['peak_uss'] / MIB:7.1f} -> {p['final_uss'] / MIB:7.1f} MiB  ({status})")
         if role == "worker" and len(procs) > 1:
-            total = sum(p["peak_uss"] for p in procs)
-            lines.append(f"    {'':<6} Σ of {len(procs)} worker peaks {_mib(total)}")
+            anon = sum(p.get("peak_uss_anon", 0) for p in procs)
+            lines.append(f"    Σ of {len(procs)} worker peaks: private anon {_mib(anon)}, "
+                         f"USS {_mib(sum(p['peak_uss'] for p in procs))}")
     if s.get("marks"):
         lines.append("  marks: " + ", ".join(f"{label} @ {t:.1f} s" for t, label in s["marks"][:20])
                      + (" ..." if len(s["marks"]) > 20 else ""))
@@ -777,12 +792,14 @@ def plot_memory(timeline: _Timeline, png_path: str | os.PathLike, memory_cap: in
         else:
             color = role_colors.get(tr.role, "#7f7f7f")
         label = f"{tr.role} {tr.pid} ({tr.name})" if i < max_legend else None
-        ax_bot.plot(np.asarray(tr.t) / scale, np.asarray(tr.uss) / MIB, color=color,
+        ax_bot.plot(np.asarray(tr.t) / scale, np.asarray(tr.uss_anon) / MIB, color=color,
                     lw=1.6 if tr.role == "main" else 1.1, label=label,
                     marker="." if len(tr.t) < 3 else None)
+        ax_bot.plot(np.asarray(tr.t) / scale, np.asarray(tr.uss) / MIB, color=color, lw=0.8, ls=":")
     if len(tracks) > max_legend:
         ax_bot.plot([], [], " ", label=f"+ {len(tracks) - max_legend} more")
-    ax_bot.set_ylabel("USS per process (MiB)")
+    ax_bot.plot([], [], color="#555555", lw=0.8, ls=":", label="dotted: USS (with file pages)")
+    ax_bot.set_ylabel("private anon per process (MiB)")
     ax_bot.set_xlabel(f"time since start ({unit})")
     ax_bot.set_ylim(bottom=0)
     ax_bot.grid(alpha=0.3)

@@ -97,7 +97,7 @@ def test_anonymous_allocation_is_reported_as_anon_within_10_percent(tmp_path):
     finally:
         idle.kill(), alloc.kill(), idle.wait(), alloc.wait()
     samples = prof.samples
-    for column in ("pss_anon", "uss"):
+    for column in ("pss_anon", "uss", "uss_anon"):
         grown = _peak(samples, alloc.pid, column) - _peak(samples, idle.pid, column)
         assert abs(grown - 200 * MiB) < 0.1 * 200 * MiB, f"{column} grew {grown / MiB:.1f} MiB, expected ~200"
     assert _peak(samples, alloc.pid, "pss_file") < _peak(samples, idle.pid, "pss_file") + 20 * MiB
@@ -116,6 +116,10 @@ def test_mmapped_file_is_reported_as_file_backed_not_anon(tmp_path):
     anon_growth = _peak(samples, reader.pid, "pss_anon") - _peak(samples, idle.pid, "pss_anon")
     assert file_growth >= 180 * MiB, f"pss_file grew only {file_growth / MiB:.1f} MiB"
     assert anon_growth < 20 * MiB, f"pss_anon grew {anon_growth / MiB:.1f} MiB for a read-only mmap"
+    # Pages only this reader maps are in its USS, but not in its private anonymous memory.
+    uss_growth = _peak(samples, reader.pid, "uss") - _peak(samples, idle.pid, "uss")
+    uss_anon_growth = _peak(samples, reader.pid, "uss_anon") - _peak(samples, idle.pid, "uss_anon")
+    assert uss_growth >= 180 * MiB and uss_anon_growth < 20 * MiB, (uss_growth / MiB, uss_anon_growth / MiB)
 
 
 def test_attach_by_pid_follows_children_that_come_and_go(tmp_path):
@@ -151,7 +155,7 @@ def test_outputs_have_documented_columns_a_png_and_user_marks(tmp_path):
     with open(tmp_path / "memory.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == CSV_COLUMNS == ("t_s", "pid", "ppid", "role", "name", "rss", "pss", "pss_anon",
-                                             "pss_file", "pss_shmem", "uss", "shared", "swap")
+                                             "pss_file", "pss_shmem", "uss", "uss_anon", "shared", "swap")
     own = [r for r in rows[1:] if int(r[1]) == os.getpid()]
     assert len(own) >= 2 and all(r[3] == "main" for r in own)
     assert all(len(r[0].split(".")[1]) == 3 for r in rows[1:]), "t_s must have 3 decimals"
