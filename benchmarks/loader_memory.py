@@ -178,7 +178,8 @@ class ConstantDataset:
         return {"image": self.image, "origin_id": int(index)}
 
 
-def make_dataset(loader: str, cache: str, sqlite_path: str | None, voxelize: bool = True) -> Any:
+def make_dataset(loader: str, cache: str, sqlite_path: str | None, voxelize: bool = True,
+                 prefetch: bool | None = None) -> Any:
     """The Dataset of ``loader`` over the origins of ``cache`` (built in this process).
 
     ``voxelize=False`` (``--metadata-only``): the seeds look up each item's metadata as
@@ -187,7 +188,7 @@ def make_dataset(loader: str, cache: str, sqlite_path: str | None, voxelize: boo
     """
     if loader == "cache":
         from cache_tools import VoxelCacheDataset
-        return VoxelCacheDataset(cache)
+        return VoxelCacheDataset(cache, prefetch=prefetch)
     if loader == "seed-initial":
         from seed_loaders import SeedInitialDataset
         return SeedInitialDataset(cache, voxelize=voxelize)
@@ -238,7 +239,8 @@ def child_main(config: dict) -> int:
     torch.set_num_threads(1)           # the cores are the loader workers'
     t0 = time.monotonic()
     dataset = make_dataset(config["loader"], config["cache"], config.get("sqlite"),
-                           voxelize=not config.get("metadata_only"))
+                           voxelize=not config.get("metadata_only"),
+                           prefetch={"auto": None, "on": True, "off": False}[config.get("prefetch", "auto")])
     train, val = make_loaders(dataset, config["loader"], config["workers"], config["batch_size"],
                               None if config["full_epochs"] else config["steps_per_epoch"],
                               config["val_steps"], config.get("seed", 0))
@@ -820,6 +822,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metadata-only", action="store_true",
                    help="the seeds skip parse + voxelize (blank images) and every loader reads every "
                         "origin each epoch: isolates the copy-on-read of the per-origin metadata")
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                   help="the cache loader's prefetch (auto: on when the cache exceeds half the memory budget)")
     p.add_argument("--grid", type=int, default=16, help="image grid (voxels per side) of the caches")
     p.add_argument("--dtype", default="uint8", choices=("float32", "float16", "uint8"), help="cache storage")
     p.add_argument("--interval", type=float, default=0.25, help="profiler sampling interval (s)")
@@ -870,7 +874,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = []
         for loader, size in plan:
             config = {**base, "full_epochs": args.metadata_only or (full_epochs and loader == "cache"),
-                      "metadata_only": args.metadata_only}
+                      "metadata_only": args.metadata_only, "prefetch": args.prefetch}
             run_dir = work / "runs" / f"{name}-{loader}-{size}"
             print(f"--- {loader}, {size} origins{', cap ' + args.memory_cap if cap_bytes else ''} ...",
                   file=sys.stderr, flush=True)

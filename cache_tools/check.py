@@ -299,30 +299,37 @@ def resolve_sources(c: Cache, sources: list[str]) -> list[Path | None]:
     return [by_id.get(sid) for sid in (c.ids or [])]
 
 
-def check_sources(c: Cache, files: list[Path | None], workers: int) -> list[bool]:
-    """Staleness: each source present with the hash it was built from; returns which are usable."""
+def _digest(path: Path | None) -> str | None:
+    """sha256 of a source file, or None when it is missing or unreadable."""
     from pipeline.parse import file_sha256
 
-    def digest(path: Path | None) -> str | None:
-        try:
-            return file_sha256(path) if path is not None else None
-        except OSError:
-            return None
+    try:
+        return file_sha256(path) if path is not None else None
+    except OSError:
+        return None
 
+
+def _unchanged(c: Cache, k: int, sha: str | None) -> bool:
+    """Does a source with digest ``sha`` still hold what structure ``k`` was built from?"""
+    return sha is not None and (c.sha256 is None or bytes.fromhex(sha) == c.sha256[k].tobytes())
+
+
+def check_sources(c: Cache, files: list[Path | None], workers: int) -> list[bool]:
+    """Staleness: each source present with the hash it was built from; returns which are usable."""
     with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL too
-        digests = list(pool.map(digest, files))
+        digests = list(pool.map(_digest, files))
     usable = []
     for k, (path, sha) in enumerate(zip(files, digests)):
         sid, recorded = c.name(k)
-        first, last = int(c.ranges[k, 0]), int(c.ranges[k, 1]) - 1
+        origins = (int(c.ranges[k, 0]), int(c.ranges[k, 1]) - 1)
         if sha is None:
             detail = (f"no source file with id '{sid}' among --sources" if path is None
                       else f"source file is missing or unreadable: {path}")
-            c.problems.append(Problem("source-missing", detail, (first, last), sid, recorded))
-        elif c.sha256 is not None and bytes.fromhex(sha) != c.sha256[k].tobytes():
+            c.problems.append(Problem("source-missing", detail, origins, sid, recorded))
+        elif not _unchanged(c, k, sha):
             c.problems.append(Problem("stale", f"source changed since the build (sha256 differs): {path}",
-                                      (first, last), sid, recorded))
-        usable.append(sha is not None and (c.sha256 is None or bytes.fromhex(sha) == c.sha256[k].tobytes()))
+                                      origins, sid, recorded))
+        usable.append(_unchanged(c, k, sha))
     return usable
 
 
@@ -402,12 +409,13 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
            progress: bool = True) -> list[dict]:
     """Rewrite the shard files holding the damaged origins of ``report``; returns what was rewritten."""
     from pipeline.build import BuildError, rebuild_shards
-    from pipeline.parse import file_sha256
 
     problems = [Problem.from_dict(p) for p in report["problems"]]
-    if any(p.kind in ("metadata", "incomplete") for p in problems):
-        raise RepairError("metadata is damaged or the build is incomplete; rebuild with the same "
-                          "`pipeline build-cache` command (add --overwrite for a damaged complete cache)")
+    if any(p.kind == "incomplete" for p in problems):
+        raise RepairError("the build is incomplete; rerun the same `pipeline build-cache` command")
+    if any(p.kind == "metadata" for p in problems):
+        raise RepairError("its metadata is damaged, which --repair does not rewrite; delete it and rerun "
+                          "the `pipeline build-cache` command that built it")
     c = Cache(Path(root).absolute())
     check_metadata(c)
     per_shard = c.layout.origins_per_shard
@@ -423,11 +431,7 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
 
     needed = sorted({k for s in shards for k in structures(s)})
     for k in needed:
-        try:
-            unchanged = files[k] is not None and bytes.fromhex(file_sha256(files[k])) == c.sha256[k].tobytes()
-        except OSError:
-            unchanged = False
-        if not unchanged:
+        if not _unchanged(c, k, _digest(files[k])):
             raise RepairError(f"structure {c.ids[k]}: its source ({files[k] or c.paths[k]}) is missing or "
                               "changed since the build; give the original files with --sources")
     try:

@@ -73,3 +73,14 @@ def store_files(root: Path) -> dict[str, bytes]:
                 data = json.dumps(meta, sort_keys=True).encode()
             files[rel] = data
     return files
+
+
+def fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding ``path`` (tmpfs pages are shmem, not page cache)."""
+    best, fstype = "", "?"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        mountpoint = left.split()[4]
+        if str(path.resolve()).startswith(mountpoint) and len(mountpoint) > len(best):
+            best, fstype = mountpoint, right.split()[0]
+    return fstype

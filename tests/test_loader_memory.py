@@ -30,7 +30,7 @@ from pipeline.origins import OriginRule
 from pipeline.parse import parse_channels
 from pipeline.voxelize import ImageSpec, Storage
 
-from conftest import DATA, SMALL_FILES
+from conftest import DATA, SMALL_FILES, fs_type
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -137,23 +137,13 @@ print("done, prefetch", ds.prefetch, flush=True)
 """
 
 
-def _fs_type(path: Path) -> str:
-    best, fstype = "", "?"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        mountpoint = left.split()[4]
-        if str(path.resolve()).startswith(mountpoint) and len(mountpoint) > len(best):
-            best, fstype = mountpoint, right.split()[0]
-    return fstype
-
-
 def test_cache_loader_under_a_cap_smaller_than_its_shard_file(tmp_path):
     cap_bytes = 300 * MiB
     try:
         MemoryCap(cap_bytes).create().remove()
     except CgroupUnavailable as exc:
         pytest.fail(f"cannot create a memory-capped cgroup (needs root; CI runs as root): {exc}")
-    assert _fs_type(tmp_path) not in ("tmpfs", "ramfs"), (
+    assert fs_type(tmp_path) not in ("tmpfs", "ramfs"), (
         f"{tmp_path} is on tmpfs: its pages are shmem, not reclaimable; run pytest with --basetemp on disk")
     # 800 origins of 4 x 32^3 float32 (512 KiB each) in ONE shard file of 400 MiB > the 300 MiB cap.
     cache = tmp_path / "big.zarr"

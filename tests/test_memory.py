@@ -20,6 +20,8 @@ import pytest
 
 from cache_tools.memory import CSV_COLUMNS, MemoryProfiler, parse_size
 
+from conftest import fs_type
+
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 PY = sys.executable
@@ -58,7 +60,7 @@ def _disk_file(path: Path, size: int) -> Path:
     Evicting it matters for the cap test: pages already cached were charged to
     our cgroup, so the capped child would not have to pay for them.
     """
-    fstype = _fs_type(path.parent)
+    fstype = fs_type(path.parent)
     assert fstype not in ("tmpfs", "ramfs"), (
         f"{path.parent} is on {fstype}: its pages are shmem, not reclaimable file pages; "
         "run pytest with --basetemp on a disk filesystem")
@@ -70,16 +72,6 @@ def _disk_file(path: Path, size: int) -> Path:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return path
-
-
-def _fs_type(path: Path) -> str:
-    best, fstype = "", "?"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        mountpoint = left.split()[4]
-        if str(path.resolve()).startswith(mountpoint) and len(mountpoint) > len(best):
-            best, fstype = mountpoint, right.split()[0]
-    return fstype
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
