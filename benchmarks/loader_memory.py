@@ -75,7 +75,7 @@ def process_memory(pid: int) -> dict[str, int] | None:
     min(Private_Dirty, Anonymous): private pages that are anonymous (heap, copy-on-write
     copies) -- the growth that the OOM killer counts. ``private_file`` is the rest of USS.
     """
-    from cache_tools.memory import read_smaps_rollup
+    from cache_tools.memory import private_anon, read_smaps_rollup
 
     try:
         sm = read_smaps_rollup(pid)
@@ -84,8 +84,8 @@ def process_memory(pid: int) -> dict[str, int] | None:
     if sm is None:
         return None
     uss = sm["Private_Clean"] + sm["Private_Dirty"]
-    private_anon = min(sm["Private_Dirty"], sm["Anonymous"])
-    return {"uss": uss, "private_anon": private_anon, "private_file": uss - private_anon,
+    anon = private_anon(sm)
+    return {"uss": uss, "private_anon": anon, "private_file": uss - anon,
             "anonymous": sm["Anonymous"], "private_dirty": sm["Private_Dirty"],
             "pss_anon": sm["Pss_Anon"], "pss_file": sm["Pss_File"], "pss_shmem": sm["Pss_Shmem"],
             "rss": sm["Rss"], "pss": sm["Pss"]}

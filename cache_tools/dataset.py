@@ -186,7 +186,12 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self._epoch.fill_(int(epoch))
 
     def origin_id(self, index: int) -> int:
-        """Global origin id of sample ``index`` of this dataset (split)."""
+        """Global origin id of sample ``index`` of this dataset (split); negative counts from the end."""
+        if not -self._len <= index < self._len:
+            self._index_error(index)
+        index = int(index) % self._len
+        if self._local()["split"] is None:
+            return index
         return int(self._origin_ids(np.array([index]))[0])
 
     def _origin_ids(self, indices: np.ndarray) -> np.ndarray:
@@ -226,11 +231,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not isinstance(index, (int, np.integer)):
             return self.__getitems__(index).data  # a list of indices: a ready batch
-        if not -self._len <= index < self._len:
-            self._index_error(index)
+        origin = self.origin_id(index)
         index = int(index) % self._len
-        state = self._local()
-        origin = index if state["split"] is None else int(self._origin_ids(np.array([index]))[0])
+        state = self._state  # opened for this process by origin_id()
         if self.prefetch:
             self._prefetch(state, np.array([origin]))
         stored = self._stored(state, origin)

@@ -70,7 +70,7 @@ from cache_tools.cgroup import CgroupUnavailable, MemoryCap, format_cap_report, 
 __all__ = [
     "CSV_COLUMNS", "MARKS_COLUMNS", "ProfilerUnavailable", "CgroupUnavailable", "MemoryCap",
     "MemoryProfiler", "MemoryMarkCallback", "ProcessInfo", "Sample", "check_available",
-    "read_smaps_rollup", "process_tree", "parse_size", "format_summary",
+    "read_smaps_rollup", "private_anon", "process_tree", "parse_size", "format_summary",
     "render_profile", "run_in_memory_cap", "format_cap_report",
 ]
 
@@ -110,6 +110,16 @@ def read_smaps_rollup(pid: int) -> dict[str, int] | None:
         if name in values:
             values[name] = int(rest.split()[0]) * 1024   # always kB
     return values
+
+
+def private_anon(smaps: dict[str, int]) -> int:
+    """Private anonymous bytes of a process (heap, copy-on-write copies) from its smaps_rollup.
+
+    smaps_rollup has no such line: anonymous pages still shared with the parent are in
+    Anonymous but not Private_Dirty, clean private file pages are in neither, so the
+    smaller of the two is the private anonymous part of USS.
+    """
+    return min(smaps["Private_Dirty"], smaps["Anonymous"])
 
 
 class _Stat(NamedTuple):
@@ -595,7 +605,7 @@ class MemoryProfiler:
             rows.append(((pid, stat.starttime), Sample(
                 0.0, pid, stat.ppid, roles[pid], stat.comm, sm["Rss"], sm["Pss"], sm["Pss_Anon"],
                 sm["Pss_File"], sm["Pss_Shmem"], sm["Private_Clean"] + sm["Private_Dirty"],
-                min(sm["Private_Dirty"], sm["Anonymous"]), sm["Shared_Clean"] + sm["Shared_Dirty"], sm["Swap"])))
+                private_anon(sm), sm["Shared_Clean"] + sm["Shared_Dirty"], sm["Swap"])))
 
         with self._lock:
             if self._stopped:
