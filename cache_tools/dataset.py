@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import operator
 import os
 import zlib
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from cache_tools import format as fmt
 from cache_tools.cgroup import memory_budget
-from cache_tools.rotations import N_CUBE_ROTATIONS, rotate_view
+from cache_tools.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
 
 _MASK64 = (1 << 64) - 1
 
@@ -44,7 +45,19 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     ``ds[i]`` is a dict: ``image`` float32 tensor [C, L, L, L] (dequantized, the
     caller's to modify), ``origin_id`` int, ``structure_index`` int, ``center_A``
-    float32 tensor [3], ``rotation`` int (stored rotation used, or 0).
+    float32 tensor [3], ``rotation`` int (stored rotation used, or 0),
+    ``cube_rotation`` int (index into the 24 of :mod:`cache_tools.rotations` applied
+    on top, 0 without ``rotate``); :meth:`rotation_matrix` composes the two.
+
+    Indices and ids: what the dataset TAKES is local to its selection (a split):
+    ``ds[i]``, ``len(ds)``, ``n_structures``, ``structure_id(k)``,
+    ``origins_of_structure(k)`` (a range of local sample indices). What samples
+    RETURN (``origin_id``, ``structure_index``) are global cache ids, the same in
+    every split. Mappings: :meth:`origin_id` (local index -> origin id),
+    :meth:`index_of` (origin id -> local index), :meth:`structure_row` (local
+    structure -> global row) and :meth:`local_structure` (global row -> local).
+    ``ds[i]`` takes ints, numpy integers and 0-d integer tensors; a list, 1-d array
+    or slice returns a batch dict; floats and bools raise TypeError.
 
     ``rotate=True`` applies one of the 24 exact cube rotations; with a cache built
     with ``--rotations K`` one stored rotation is picked too. Both choices are
@@ -92,8 +105,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             prefetch = self.layout.n_origins * self.layout.origin_nbytes > memory_budget() // 2
         self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._len = self.layout.n_origins if split is None else int(self._split_table()[1][-1])
         self._state: dict[str, Any] | None = None
+        rows, _, cumulative = self._structure_table()  # not kept: reopened per process
+        self._n_structures = len(rows)
+        self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
+        self._len = self.layout.n_origins if self._all else int(cumulative[-1])
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -118,7 +134,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             "structure_index": fmt.read_array(root, fmt.STRUCTURE_INDEX),
             "center": fmt.read_array(root, fmt.CENTER),
             "crc": fmt.read_array(root, fmt.CRC32) if self.verify else None,
-            "split": self._split_table() if self.split is not None else None,
+            # (selected rows, their first origins, cumulative origin counts); None when
+            # everything is selected (ids are indices) until a structure method needs it
+            "table": None if self._all else self._structure_table(),
         }
         self._state = state
         return state
@@ -127,13 +145,31 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         state = self._state
         return state if state is not None and state["pid"] == os.getpid() else self._open()
 
-    def _split_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(first origin of each structure in the split, cumulative origin counts with a 0)."""
+    def _selected_rows(self) -> np.ndarray:
+        """The selection: sorted int64 global rows of the structures this dataset holds.
+
+        Everything local (indices, structure positions, the split table) derives from
+        this one array; another filter (e.g. a named subset) intersects it here.
+        """
+        n = len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
+        if self.split_code is None:
+            return np.arange(n, dtype=np.int64)
         codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
-        ranges = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)[codes == self.split_code]
-        cumulative = np.zeros(len(ranges) + 1, dtype=np.int64)
+        return np.flatnonzero(codes == self.split_code).astype(np.int64)
+
+    def _structure_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(selected rows, first origin id of each, cumulative origin counts with a leading 0)."""
+        rows = self._selected_rows()
+        ranges = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)[rows]
+        cumulative = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(ranges[:, 1] - ranges[:, 0], out=cumulative[1:])
-        return np.ascontiguousarray(ranges[:, 0]), cumulative
+        return rows, np.ascontiguousarray(ranges[:, 0]), cumulative
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        state = self._local()
+        if state["table"] is None:
+            state["table"] = self._structure_table()
+        return state["table"]
 
     def _shard(self, state: dict, shard: int, origin: int) -> np.ndarray:
         """The shard's origins as an array (S, *image_shape) over the file, mapped once."""
@@ -187,12 +223,33 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def origin_id(self, index: int) -> int:
         """Global origin id of sample ``index`` of this dataset (split); negative counts from the end."""
+        index = _scalar_index(index)
+        if index is None:
+            raise TypeError("origin_id() takes one integer index")
         if not -self._len <= index < self._len:
             self._index_error(index)
-        index = int(index) % self._len
-        if self._local()["split"] is None:
+        index %= self._len
+        if self._all:
             return index
         return int(self._origin_ids(np.array([index]))[0])
+
+    def index_of(self, origin_id: int) -> int:
+        """Local sample index of global origin ``origin_id``: the inverse of :meth:`origin_id`.
+
+        Raises ValueError (like ``list.index``) when the origin is in the cache but not
+        in this selection, IndexError when it is not in the cache at all.
+        """
+        origin = operator.index(origin_id)
+        if not 0 <= origin < self.layout.n_origins:
+            raise IndexError(f"origin id {origin} out of range for {self.layout.n_origins} origins in the cache")
+        if self._all:
+            return origin
+        row = int(self._local()["structure_index"][origin])
+        rows, starts, cumulative = self._table()
+        k = int(np.searchsorted(rows, row))
+        if k == len(rows) or rows[k] != row:
+            raise ValueError(f"origin id {origin} (structure row {row}) is not in split {self.split!r}")
+        return int(cumulative[k] + origin - starts[k])
 
     def _origin_ids(self, indices: np.ndarray) -> np.ndarray:
         """Vectorized: sample indices (negative allowed) -> global origin ids."""
@@ -200,9 +257,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         if len(indices) and not (-self._len <= indices.min() and indices.max() < self._len):
             self._index_error(indices[(indices < -self._len) | (indices >= self._len)][0])
         indices = indices % self._len if self._len else indices
-        if state["split"] is None:
+        if self._all:
             return indices
-        starts, cumulative = state["split"]
+        _, starts, cumulative = state["table"]
         k = np.searchsorted(cumulative, indices, side="right") - 1
         return starts[k] + indices - cumulative[k]
 
@@ -229,11 +286,14 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return array[j]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not isinstance(index, (int, np.integer)):
-            return self.__getitems__(index).data  # a list of indices: a ready batch
-        origin = self.origin_id(index)
-        index = int(index) % self._len
-        state = self._state  # opened for this process by origin_id()
+        scalar = _scalar_index(index)
+        if scalar is None:  # a slice or a list of indices: a ready batch
+            if isinstance(index, slice):
+                index = range(*index.indices(self._len))
+            return self.__getitems__(index).data
+        origin = self.origin_id(scalar)
+        index = scalar % self._len
+        state = self._local()
         if self.prefetch:
             self._prefetch(state, np.array([origin]))
         stored = self._stored(state, origin)
@@ -252,7 +312,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return {"image": image, "origin_id": origin,
                 "structure_index": int(state["structure_index"][origin]),
                 "center_A": torch.from_numpy(state["center"][origin].copy()),
-                "rotation": rotation}
+                "rotation": rotation, "cube_rotation": cube}
 
     def __getitems__(self, indices: list[int]) -> "SampleBatch":
         """A whole batch in one buffer: PyTorch's batched-fetch hook.
@@ -263,7 +323,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         vector op. Returns a :class:`SampleBatch`: use ``collate_fn=batch_collate``
         to take it as is; the default collate also works (it re-stacks the samples).
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.asarray(indices)
+        if idx.size and idx.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got {idx.dtype} ({type(indices).__name__})")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
         origins = self._origin_ids(idx)
         idx = idx % self._len if self._len else idx
         state = self._state
@@ -289,7 +352,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             per_shard = self.layout.origins_per_shard
             shards = sorted_origins // per_shard
             bounds = np.flatnonzero(np.diff(shards)) + 1
-            for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), n]):  # one group per shard
+            for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), n] if n else []):  # one group per shard
                 shard = int(shards[a])
                 array = state["maps"][shard]
                 if array is None:
@@ -309,31 +372,69 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 "origin_id": torch.from_numpy(origins.astype(np.int64)),
                 "structure_index": torch.from_numpy(state["structure_index"][origins].astype(np.int64)),
                 "center_A": torch.from_numpy(state["center"][origins]),
-                "rotation": torch.from_numpy(choices[:, 0].copy())}
+                "rotation": torch.from_numpy(choices[:, 0].copy()),
+                "cube_rotation": torch.from_numpy(choices[:, 1].copy())}
         return SampleBatch(data)
 
     def _pin(self) -> bool:
         return self.pin_memory and torch.cuda.is_available()
 
-    def origins_of_structure(self, k: int) -> range:
-        """Origin ids of structure ``k`` (contiguous by construction)."""
-        start, stop = self._structure_ranges()[k]
-        return range(int(start), int(stop))
+    def rotation_matrix(self, sample: dict[str, Any]) -> torch.Tensor:
+        """The rotation a sample's (or a batch's) image shows: float32 [3, 3] (or [B, 3, 3]).
 
-    def structure_id(self, k: int) -> str:
-        """The id of structure ``k`` (from its file name, e.g. '1abc')."""
-        blob, offsets = self._strings()
-        return fmt.ragged_item(blob, offsets, k)
+        ``Q = M[cube_rotation] @ R[origin_id, rotation]``: the stored rotation ``R``
+        (identity without ``--rotations``) turned the atoms about ``center_A`` before
+        voxelizing, then the cube rotation ``M`` turned the image. An atom at ``x`` Å
+        shows at centred voxel coordinate ``Q @ (x - center_A) / resolution_A``, along
+        the image axes (x, y, z); rotate vector labels with the same ``Q``.
+        """
+        cube = CUBE_ROTATION_MATRICES[np.asarray(sample["cube_rotation"], dtype=np.int64)]
+        if self.n_rotations > 1:
+            state = self._local()
+            if "rotations" not in state:
+                state["rotations"] = fmt.read_array(self.root, fmt.ROTATION)
+            origin = np.asarray(sample["origin_id"], dtype=np.int64)
+            stored = state["rotations"][origin, np.asarray(sample["rotation"], dtype=np.int64)]
+            return torch.from_numpy((cube.astype(np.float32) @ stored).astype(np.float32))
+        return torch.from_numpy(cube.astype(np.float32))
 
     @property
     def n_structures(self) -> int:
-        return len(self._structure_ranges())
+        """Structures in this dataset (its split), not in the whole cache."""
+        return self._n_structures
 
-    def _structure_ranges(self) -> np.ndarray:
-        state = self._local()
-        if "ranges" not in state:
-            state["ranges"] = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)
-        return state["ranges"]
+    def _structure(self, k: int) -> int:
+        """Local structure position ``k`` (negative counts from the end), checked."""
+        k = operator.index(k)
+        if not -self._n_structures <= k < self._n_structures:
+            raise IndexError(f"structure {k} out of range for {self._n_structures} structures"
+                             + (f" in split {self.split!r}" if self.split else ""))
+        return k % self._n_structures
+
+    def structure_row(self, k: int) -> int:
+        """Global structures-table row (the ``structure_index`` of its samples) of local structure ``k``."""
+        return int(self._table()[0][self._structure(k)])
+
+    def local_structure(self, row: int) -> int:
+        """Local position of global structure ``row`` (a sample's ``structure_index``); ValueError if absent."""
+        row = operator.index(row)
+        rows = self._table()[0]
+        k = int(np.searchsorted(rows, row))
+        if k == len(rows) or rows[k] != row:
+            raise ValueError(f"structure row {row} is not in "
+                             + (f"split {self.split!r}" if self.split else "the cache"))
+        return k
+
+    def origins_of_structure(self, k: int) -> range:
+        """Local sample indices of local structure ``k`` (contiguous): ``ds[i] for i in range``."""
+        k = self._structure(k)
+        cumulative = self._table()[2]
+        return range(int(cumulative[k]), int(cumulative[k + 1]))
+
+    def structure_id(self, k: int) -> str:
+        """The id of local structure ``k`` (from its file name, e.g. '1abc')."""
+        blob, offsets = self._strings()
+        return fmt.ragged_item(blob, offsets, self.structure_row(k))
 
     def _strings(self) -> tuple[np.ndarray, np.ndarray]:
         state = self._local()
@@ -343,8 +444,27 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
-                f"image={tuple(self.layout.image_shape[-4:])}, dtype={self.layout.dtype.name}, "
+                f"image={tuple(self.layout.image_shape[-4:])}, items=float32, "
+                f"stored={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")
+
+
+def _scalar_index(index: Any) -> int | None:
+    """``index`` as an int if it is one integer (int, numpy integer, 0-d integer array or
+    tensor); None if it is a sequence or slice (a batch); TypeError for anything else."""
+    if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
+        return int(index)
+    if isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim == 0:
+        kind = index.dtype.kind if isinstance(index, np.ndarray) else (
+            "f" if index.is_floating_point() or index.is_complex() else
+            "b" if index.dtype == torch.bool else "i")
+        if kind in "iu":
+            return int(index)
+        raise TypeError(f"dataset index must be an integer, got a 0-d {index.dtype} {type(index).__name__}")
+    if isinstance(index, (slice, list, tuple, range, np.ndarray, torch.Tensor)):
+        return None
+    raise TypeError(f"dataset index must be an integer, a sequence of integers or a slice, "
+                    f"got {type(index).__name__} {index!r}")
 
 
 def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
@@ -382,10 +502,10 @@ class SampleBatch(Sequence):
             d = self.data
             self._samples = [
                 {"image": image, "origin_id": origin, "structure_index": structure,
-                 "center_A": center, "rotation": rotation}
-                for image, origin, structure, center, rotation in zip(
+                 "center_A": center, "rotation": rotation, "cube_rotation": cube}
+                for image, origin, structure, center, rotation, cube in zip(
                     d["image"].unbind(0), d["origin_id"].tolist(), d["structure_index"].tolist(),
-                    d["center_A"].unbind(0), d["rotation"].tolist())]
+                    d["center_A"].unbind(0), d["rotation"].tolist(), d["cube_rotation"].tolist())]
         return self._samples[k]
 
 

@@ -106,7 +106,8 @@ def test_splits_by_structure(cache_factory, tmp_path):
     splits = {name: VoxelCacheDataset(root, split=name) for name in ("train", "val", "test")}
     assert sum(len(d) for d in splits.values()) == len(full)
     val = splits["val"]
-    assert {val.structure_id(val[i]["structure_index"]) for i in range(len(val))} == {"1aa5", "3fy3"}
+    assert {full.structure_id(val[i]["structure_index"]) for i in range(len(val))} == {"1aa5", "3fy3"}
+    assert {val.structure_id(k) for k in range(val.n_structures)} == {"1aa5", "3fy3"}
     seen = [d[i]["origin_id"] for d in splits.values() for i in range(len(d))]
     assert sorted(seen) == list(range(len(full)))  # disjoint and complete
     k = val[0]["structure_index"]
