@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cache_tools.info", "show parameters, counts, bytes and completeness of a cache"),
     "check": ("cache_tools.check", "verify a cache: completeness, checksums, values, staleness"),
     "split": ("cache_tools.split", "assign structures to train/val/test splits stored in the cache"),
+    "subset": ("cache_tools.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
     "profile-memory": ("cache_tools.memory_cli", "sample private/shared, anon/file memory of a process tree"),
 }
 

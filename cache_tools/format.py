@@ -22,6 +22,15 @@ A cache is a zarr v3 group (a directory)::
       structures/atom_count          (M,)   int32     heavy atoms voxelized
       structures/origin_range        (M, 2) int64     [start, stop); contiguous, tiling 0..N-1
       structures/split               (M,)   uint8     optional; codes name attrs["splits"]
+      structures/method              (M,)   uint16    bit i set = METHODS[i] in _exptl.method
+      structures/resolution_A        (M,)   float32   best of refinement/reconstruction; NaN absent
+      structures/deposited           (M,)   int32     days since 1970-01-01; DATE_MISSING absent
+      structures/released            (M,)   int32     (first release) days; DATE_MISSING absent
+      structures/n_models            (M,)   int32     models in the file
+      structures/polymer             (M,)   uint8     bit i set = POLYMERS[i] present (_entity_poly)
+      structures/n_chains            (M,)   int32     chains (auth_asym_id) of the first model
+      structures/subset/<NAME>       (K,)   int32     optional; sorted structure rows of a subset;
+                                                      attrs["subsets"][NAME] holds its expression
     (attrs["metadata_crc32"] holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -56,13 +66,34 @@ STRUCTURE_SHA256 = "structures/source_sha256"
 STRUCTURE_ATOM_COUNT = "structures/atom_count"
 STRUCTURE_ORIGIN_RANGE = "structures/origin_range"
 STRUCTURE_SPLIT = "structures/split"
+# Structure metadata read from each mmCIF at build time (pipeline/metadata.py); a cache built
+# before these existed lacks them, and readers report them as absent.
+STRUCTURE_METHOD = "structures/method"
+STRUCTURE_RESOLUTION = "structures/resolution_A"
+STRUCTURE_DEPOSITED = "structures/deposited"
+STRUCTURE_RELEASED = "structures/released"
+STRUCTURE_N_MODELS = "structures/n_models"
+STRUCTURE_POLYMER = "structures/polymer"
+STRUCTURE_N_CHAINS = "structures/n_chains"
+STRUCTURE_META_ARRAYS = (STRUCTURE_METHOD, STRUCTURE_RESOLUTION, STRUCTURE_DEPOSITED, STRUCTURE_RELEASED,
+                         STRUCTURE_N_MODELS, STRUCTURE_POLYMER, STRUCTURE_N_CHAINS)
+SUBSET_DIR = "structures/subset"  # + "/<NAME>"
+# Bit i of structures/method: the PDBx _exptl.method vocabulary, append-only; OTHER takes the rest.
+METHODS = ("X-RAY DIFFRACTION", "ELECTRON MICROSCOPY", "SOLUTION NMR", "SOLID-STATE NMR",
+           "NEUTRON DIFFRACTION", "ELECTRON CRYSTALLOGRAPHY", "FIBER DIFFRACTION", "POWDER DIFFRACTION",
+           "SOLUTION SCATTERING", "INFRARED SPECTROSCOPY", "EPR", "FLUORESCENCE TRANSFER",
+           "THEORETICAL MODEL", "OTHER")
+POLYMERS = ("protein", "DNA", "RNA")  # bit i of structures/polymer
+SUBSET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+DATE_MISSING = np.iinfo(np.int32).min
 BUILD_DIR = ".build"
 # Single-chunk metadata arrays (ragged columns as their two parts); attrs["metadata_crc32"]
 # records the crc32 of each one's chunk file when the build completes.
 METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
                    STRUCTURE_ID + "_utf8", STRUCTURE_ID + "_offsets",
                    STRUCTURE_SOURCE_PATH + "_utf8", STRUCTURE_SOURCE_PATH + "_offsets",
-                   STRUCTURE_SHA256, STRUCTURE_ATOM_COUNT, STRUCTURE_ORIGIN_RANGE, STRUCTURE_SPLIT)
+                   STRUCTURE_SHA256, STRUCTURE_ATOM_COUNT, STRUCTURE_ORIGIN_RANGE, STRUCTURE_SPLIT,
+                   *STRUCTURE_META_ARRAYS)
 
 STORAGE_DTYPES = ("float32", "float16", "uint8")
 UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay below this; see docs
@@ -82,6 +113,14 @@ def array_dir(root: str | os.PathLike, name: str) -> Path:
 def shard_path(root: str | os.PathLike, shard: int, ndim: int) -> Path:
     """File holding shard ``shard`` of the voxels array (default chunk key encoding)."""
     return Path(root, VOXELS, "c", str(shard), *(["0"] * (ndim - 1)))
+
+
+def subset_array(name: str) -> str:
+    """Array name of subset ``name``; the name must be a plain word (it becomes a directory)."""
+    if not SUBSET_NAME.fullmatch(name or ""):
+        raise ValueError(f"subset name {name!r}: use letters, digits, '_', '-' or '.' "
+                         "(not starting with '.' or '-', at most 64 characters)")
+    return f"{SUBSET_DIR}/{name}"
 
 
 def single_chunk_path(root: str | os.PathLike, name: str, ndim: int) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools import structure_meta
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,10 @@ def cache_info(root: str | Path) -> dict:
             info["splits"] = {name: {"structures": int((codes == i).sum()),
                                      "origins": int(per[codes == i].sum())}
                               for i, name in enumerate(names)}
+        if (root / fmt.STRUCTURE_ATOM_COUNT / "zarr.json").exists():
+            info["structure_meta"] = structure_meta.distributions(root)
+        if attrs.get("subsets"):
+            info["subsets"] = attrs["subsets"]
     return info
 
 
@@ -92,6 +97,11 @@ def format_info(info: dict) -> str:
                      f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
     for name, split in info.get("splits", {}).items():
         lines.append(f"  split {name}: {split['structures']} structures, {split['origins']} origins")
+    if "structure_meta" in info:
+        lines.extend(structure_meta.format_distributions(info["structure_meta"]))
+    for name, subset in info.get("subsets", {}).items():
+        lines.append(f"  subset {name}: {subset['structures']} structures, {subset['origins']} origins "
+                     f"where {subset['where']}")
     lines.append(f"  on disk:    {human_bytes(info['bytes_on_disk'])}")
     build = info["build"]
     if build.get("finished"):

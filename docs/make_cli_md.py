@@ -12,6 +12,7 @@ COMMANDS = [
     ["pipeline", "build-cache"],
     ["cache-tools", "info"],
     ["cache-tools", "split"],
+    ["cache-tools", "subset"],
     ["cache-tools", "check"],
     ["cache-tools", "profile-memory"],
 ]

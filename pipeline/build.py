@@ -28,7 +28,7 @@ import numpy as np
 
 import pipeline
 from cache_tools import format as fmt
-from pipeline import write
+from pipeline import metadata, write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
 from pipeline.voxelize import ImageSpec, Storage, image_reach_A, origin_rotations, rotate_about, voxelize
@@ -199,7 +199,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                               channel=atoms.channel.astype(np.int8))
             n = len(centers)
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
-                              n_atoms=np.int64(len(atoms)), sha256=np.array(sha))
+                              n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
+                              **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
         else:
             write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha))
         out.append((index, n))
@@ -367,7 +368,7 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
 
 
 def _collect_scan(root: Path, sources: list[Path], ids: list[str]) -> dict:
-    ok_index, centers, n_atoms, shas, failures = [], [], [], [], []
+    ok_index, centers, n_atoms, shas, failures, meta = [], [], [], [], [], []
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
         if "reason" in res:
@@ -377,11 +378,12 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str]) -> dict:
         centers.append(res["centers"])
         n_atoms.append(int(res["n_atoms"]))
         shas.append(str(res["sha256"]))
+        meta.append({k: v for k, v in res.items() if k.startswith("meta_")})
     counts = np.array([len(c) for c in centers], dtype=np.int64)
     stops = np.cumsum(counts)
     return {"file_index": ok_index, "centers": centers, "n_atoms": n_atoms, "sha256": shas,
             "ranges": np.stack([stops - counts, stops], axis=1) if len(counts) else np.zeros((0, 2), np.int64),
-            "n_origins": int(counts.sum()), "failures": failures,
+            "n_origins": int(counts.sum()), "failures": failures, "meta": meta,
             "ids": [ids[i] for i in ok_index], "paths": [str(sources[i]) for i in ok_index]}
 
 
@@ -405,6 +407,7 @@ def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayo
                     np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table["sha256"]]))
     fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table["n_atoms"], dtype=np.int32))
     fmt.write_array(root, fmt.STRUCTURE_ORIGIN_RANGE, table["ranges"].astype(np.int64))
+    metadata.write_columns(root, table["meta"])
     if params.rotations > 1:
         mats = np.stack([origin_rotations(params.rule.seed, o, params.rotations) for o in range(n)])
         fmt.write_array(root, fmt.ROTATION, mats.astype(np.float32))

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class Atoms:
     channel: np.ndarray   # (n,) int64, index into the channel list
     n_models: int
     block_name: str
+    n_chains: int = 0     # chains of the first model, before any atom is dropped
+    block: object = field(default=None, repr=False, compare=False)  # the gemmi cif.Block, for metadata
 
     def __len__(self) -> int:
         return len(self.channel)
@@ -159,6 +161,7 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
                    and not block.find_loop(f"_atom_site.{tag}")]
         raise ParseError(f"_atom_site table has {rows} rows but no models"
                          + (f" (missing column {', '.join(missing)})" if missing else ""))
+    n_chains = len({chain.name for chain in st[0]})  # chain parts (polymer, waters) share a name
     st.remove_hydrogens()
     st.remove_alternative_conformations()
     st.remove_waters()
@@ -192,7 +195,7 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
         raise ParseError("no heavy atoms in the first model (after dropping H, water, zero occupancy)")
     return Atoms(xyz=np.asarray(coords, dtype=np.float64),
                  channel=np.asarray(chans, dtype=np.int64),
-                 n_models=n_models, block_name=block.name)
+                 n_models=n_models, block_name=block.name, n_chains=n_chains, block=block)
 
 
 def _first_line(exc: BaseException) -> str:

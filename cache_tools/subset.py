@@ -1,0 +1,107 @@
+"""`cache-tools subset`: named selections of structures by metadata, stored in the cache.
+
+    cache-tools subset CACHE xray25 --where "method == 'X-RAY DIFFRACTION' and resolution <= 2.5"
+    cache-tools subset CACHE            # list the stored subsets
+
+A subset is the sorted int32 array of the structure rows its expression selected
+(``structures/subset/<NAME>``), plus the expression and counts in the cache
+attributes. ``VoxelCacheDataset(cache, subset=NAME)`` reads that array (and intersects
+it with ``split=``); the expression grammar is in :mod:`cache_tools.where`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cache_tools import format as fmt
+from cache_tools import where
+from cache_tools.structure_meta import COLUMNS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", metavar="CACHE")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help="subset to create or replace; without NAME, list the stored subsets")
+    p.add_argument("--where", metavar="EXPR",
+                   help="selection, e.g. \"method == 'X-RAY DIFFRACTION' and resolution <= 2.5 and "
+                        "deposited < 2020-01-01\"; columns: " + ", ".join(COLUMNS)
+                        + "; operators == != < <= > >= in, and/or/not, parentheses")
+    p.add_argument("--delete", action="store_true", help="remove subset NAME")
+
+
+def create_subset(root: str | Path, name: str, expression: str) -> dict[str, int]:
+    """Evaluate ``expression`` and store the rows as subset ``name``; returns its counts.
+
+    Raises ExpressionError (bad expression), CacheError (bad cache, no metadata) or
+    ValueError (bad name, nothing matched).
+    """
+    root = Path(root)
+    attrs = fmt.read_attrs(root)
+    fmt.require_complete(root, attrs)
+    array = fmt.subset_array(name)
+    rows = where.select(root, expression).astype(np.int32)
+    if len(rows) == 0:
+        raise ValueError(f"--where {expression!r} matches no structure; subset {name!r} not stored")
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    counts = {"structures": int(len(rows)), "origins": int((ranges[rows, 1] - ranges[rows, 0]).sum())}
+    fmt.write_array(root, array, rows)
+    fmt.update_attrs(root, subsets={**(attrs.get("subsets") or {}), name: {"where": expression, **counts}},
+                     metadata_crc32={**attrs.get("metadata_crc32", {}), array: fmt.chunk_crc32(root, array)})
+    return counts
+
+
+def delete_subset(root: str | Path, name: str) -> None:
+    root = Path(root)
+    attrs = fmt.read_attrs(root)
+    subsets = dict(attrs.get("subsets") or {})
+    if name not in subsets:
+        raise ValueError(f"no subset named {name!r} (stored: {', '.join(subsets) or 'none'})")
+    array = fmt.subset_array(name)
+    del subsets[name]
+    crcs = {k: v for k, v in attrs.get("metadata_crc32", {}).items() if k != array}
+    fmt.update_attrs(root, subsets=subsets, metadata_crc32=crcs)  # forget it first, then remove the files
+    shutil.rmtree(root / array, ignore_errors=True)
+
+
+def subset_rows(root: str | Path, name: str, attrs: dict | None = None) -> np.ndarray:
+    """The stored rows of subset ``name`` (memory-mapped), or a CacheError naming the stored ones."""
+    attrs = fmt.read_attrs(root) if attrs is None else attrs
+    subsets = attrs.get("subsets") or {}
+    if name not in subsets:
+        raise fmt.CacheError(f"{root}: no subset named {name!r} (available: "
+                             f"{', '.join(subsets) or 'none; run `cache-tools subset`'})")
+    return fmt.read_array(root, fmt.subset_array(name))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.name is None:
+            if args.where is not None or args.delete:
+                raise ValueError("give a subset NAME with --where or --delete")
+            subsets = fmt.read_attrs(args.cache).get("subsets") or {}
+            for name, s in subsets.items():
+                print(f"{name}: {s['structures']} structures, {s['origins']} origins where {s['where']}")
+            if not subsets:
+                print(f"{args.cache}: no subsets")
+            return 0
+        if args.delete:
+            if args.where is not None:
+                raise ValueError("--delete takes no --where")
+            delete_subset(args.cache, args.name)
+            print(f"deleted subset {args.name}")
+            return 0
+        if args.where is None:
+            raise ValueError(f"subset {args.name}: --where EXPR is required")
+        counts = create_subset(args.cache, args.name, args.where)
+    except where.ExpressionError as exc:
+        print(f"cache-tools subset: --where: {exc}", file=sys.stderr)
+        return 2
+    except (fmt.CacheError, ValueError) as exc:
+        print(f"cache-tools subset: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {counts['structures']} structures, {counts['origins']} origins")
+    return 0
