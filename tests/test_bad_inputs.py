@@ -503,7 +503,7 @@ def assert_no_pickles(root: Path) -> None:
         if path.name == "zarr.json":
             meta = json.loads(path.read_text())
             if meta["node_type"] == "array":
-                assert meta["data_type"] in ("float32", "float16", "uint8", "int8", "int32", "int64",
+                assert meta["data_type"] in ("float32", "float16", "uint8", "int8", "uint16", "int32", "int64",
                                              "uint32", "uint64"), (path, meta["data_type"])
 
 
