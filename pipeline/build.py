@@ -31,7 +31,8 @@ from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
-from pipeline.voxelize import ImageSpec, Storage, image_reach_A, origin_rotations, rotate_about, voxelize
+from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers
+from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
 SCAN_BATCH = 4  # files per scan task: amortizes task overhead, keeps the progress bar lively
@@ -63,6 +64,7 @@ class BuildParams:
     rotations: int = 1
     origins_file: str | None = None
     origins_per_shard: int = 0  # 0 = automatic
+    exact_centers: bool = False  # True: images centred on the origins as picked, voxelized one by one
 
     def fingerprint(self, sources: list[Path]) -> dict:
         origins_sha = file_sha256(self.origins_file) if self.origins_file else None
@@ -75,6 +77,7 @@ class BuildParams:
                         {"rule": "file", "path": str(self.origins_file), "sha256": origins_sha,
                          "seed": self.rule.seed}),  # the seed still draws --rotations
             "rotations": self.rotations,
+            "centers": "exact" if self.exact_centers else "lattice",
             "origins_per_shard": self.origins_per_shard,
             "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode("utf-8", "surrogateescape")).hexdigest(),
             "n_inputs": len(sources),
@@ -160,8 +163,12 @@ def structure_ids(sources: list[Path]) -> list[str]:
 # --- tasks (run on dask workers; top-level so they pickle by reference) -----------------
 
 def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
-              rule: OriginRule, listed: dict[str, np.ndarray] | None) -> list[tuple[int, int]]:
-    """Parse files and pick their origins; returns (file index, origins or -1 on failure)."""
+              rule: OriginRule, listed: dict[str, np.ndarray] | None,
+              snap: ImageSpec | None = None) -> list[tuple[int, int]]:
+    """Parse files and pick their origins; returns (file index, origins or -1 on failure).
+
+    ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
+    """
     out = []
     for index, source, sid in items:
         sha, reason = "", None
@@ -198,6 +205,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
                               channel=atoms.channel.astype(np.int8))
             n = len(centers)
+            if snap is not None:
+                centers = snap_centers(centers, snap)
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
                               **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
@@ -208,58 +217,31 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
 
 
 def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
-               storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None) -> tuple[int, int]:
+               storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None,
+               lattice: bool = True) -> tuple[int, int]:
     """Voxelize one shard's origins; pieces are (file index, first origin, stop origin).
 
+    ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
     ``expected_crc32`` (a repair): refuse to publish bytes that differ from the build's.
     """
     layout = fmt.VoxelLayout(root)
     centers = fmt.read_array(root, fmt.CENTER)
     mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
     saturated = 0
+    encoder_class = LatticeEncoder if lattice else OriginEncoder
 
     def origin_bytes():
         nonlocal saturated
         for index, start, stop in pieces:
             atoms = write.load_npz(write.atoms_path(root, index))
-            encoder = OriginEncoder(atoms["xyz"], atoms["channel"], spec, storage)
-            for origin in range(start, stop):
-                stored, sat = encoder.encode(centers[origin], mats[origin] if mats is not None else None)
+            encoder = encoder_class(atoms["xyz"], atoms["channel"], spec, storage)
+            for stored, sat in encoder.encode_many(np.asarray(centers[start:stop], dtype=np.float64),
+                                                   mats[start:stop] if mats is not None else None):
                 saturated += sat
                 yield stored
 
     write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated, expected_crc32=expected_crc32)
     return shard, layout.origins_in_shard(shard)
-
-
-class OriginEncoder:
-    """The stored bytes of any origin of one structure: the build's write path, reused by checks."""
-
-    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage):
-        from scipy.spatial import cKDTree
-
-        self.xyz, self.channel = xyz, channel.astype(np.int64)
-        self.tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
-        self.spec, self.storage = spec, storage
-        self.reach = image_reach_A(spec) + 1e-6
-        self.buffer = np.empty(spec.shape, dtype=np.float32)
-
-    def encode(self, center: np.ndarray, rotations: np.ndarray | None = None) -> tuple[bytes, int]:
-        """(stored bytes, saturated voxels) of the image(s) centred on ``center``.
-
-        ``rotations`` (R, 3, 3), as stored in the cache, gives R images (the first is the
-        identity); None gives the one canonical image.
-        """
-        center = np.asarray(center).astype(np.float64)
-        near = np.sort(np.asarray(self.tree.query_ball_point(center, self.reach), dtype=np.intp))  # keep atom order: same sums
-        near_xyz, near_channel = self.xyz[near], self.channel[near]
-        parts, saturated = [], 0
-        for r in range(1 if rotations is None else len(rotations)):
-            coords = near_xyz if r == 0 else rotate_about(near_xyz, center, rotations[r].astype(np.float64))
-            stored, sat = self.storage.encode(voxelize(coords, near_channel, center, self.spec, out=self.buffer))
-            saturated += sat
-            parts.append(stored.tobytes())
-        return b"".join(parts), saturated
 
 
 # --- orchestration ----------------------------------------------------------------------
@@ -300,7 +282,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
         futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
-                                 pure=False) for b in batches]
+                                 None if params.exact_centers else params.image, pure=False) for b in batches]
         _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
              unit="file", progress=progress, weight=len)
 
@@ -314,7 +296,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         # Phase 2: write shards.
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
         futures = [client.submit(_run_task, write_task, str(root), s, _pieces(table, layout, s), params.image,
-                                 params.storage, params.rotations, pure=False) for s in pending]
+                                 params.storage, params.rotations, None, not params.exact_centers,
+                                 pure=False) for s in pending]
         done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
         _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
              unit="origin", progress=progress, weight=lambda r: r[1])
@@ -549,7 +532,8 @@ def params_from_attrs(attrs: dict) -> BuildParams:
         rule=OriginRule(**{k: v for k, v in rule.items() if k != "rule"}) if rule["rule"] != "file"
         else OriginRule(seed=rule.get("seed", 0)),
         rotations=int(p["rotations"]), origins_file=rule.get("path"),
-        origins_per_shard=int(p["origins_per_shard"]))
+        origins_per_shard=int(p["origins_per_shard"]),
+        exact_centers=p.get("centers", "exact") == "exact")  # caches from before the lattice: exact
 
 
 def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int, Path],
@@ -594,7 +578,8 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
             lo = shard * layout.origins_per_shard
             try:
                 write_task(str(root), shard, pieces, params.image, params.storage, params.rotations,
-                           expected_crc32=crc32[lo:lo + layout.origins_in_shard(shard)])
+                           expected_crc32=crc32[lo:lo + layout.origins_in_shard(shard)],
+                           lattice=not params.exact_centers)
             except write.ChecksumMismatch as exc:
                 raise BuildError(f"shard {shard} not repaired: {exc}") from None
     finally:

@@ -48,6 +48,11 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of origin thinning and rotations (default: %(default)s)")
     g.add_argument("--origins", metavar="FILE",
                    help="CSV 'structure_id,x,y,z' of origins to use instead of the neighbour rule")
+    g.add_argument("--exact-centers", action="store_true",
+                   help="centre images exactly on the origins and voxelize each one on its own "
+                        "(about 10x slower); by default centres are snapped to the image lattice "
+                        "(at most --resolution/2 per axis) and images are cut from one voxelization "
+                        "of the structure")
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None,
                    help="local dask worker processes, one thread each (default: all cores)")
@@ -102,6 +107,7 @@ def params_from_args(args: argparse.Namespace):
         rotations=args.rotations,
         origins_file=os.path.abspath(args.origins) if args.origins else None,
         origins_per_shard=args.origins_per_shard,
+        exact_centers=args.exact_centers,
     )
 
 

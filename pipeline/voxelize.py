@@ -49,17 +49,23 @@ def voxelize(xyz: np.ndarray, channel: np.ndarray, center: np.ndarray, spec: Ima
     center = np.asarray(center, dtype=np.float64)
     reach = spec.grid_voxels * spec.resolution_A / 2 + spec.atom_radius_A
     inside = np.all(np.abs(xyz - center) < reach, axis=1)
-    sel = xyz[inside]
-    n = len(sel)
     img = out if out is not None else np.empty(spec.shape, dtype=np.float32)
     img.fill(0)
+    add_atoms(img, spec.grid_voxels, spec.resolution_A, center, xyz[inside], channel[inside], spec.atom_radius_A)
+    return img
+
+
+def add_atoms(img: np.ndarray, grid_voxels: int, resolution_A: float, center: np.ndarray,
+              xyz: np.ndarray, channel: np.ndarray, radius_A: float) -> None:
+    """Add atoms to ``img`` (C, n, n, n) on ``Grid(n, resolution_A, center)``: the library's kernel
+    (FractionAtom fill, Sum aggregation, occupancy 1), atoms added in their given order."""
+    n = len(xyz)
     _add_atoms_to_image(
-        img, Grid(spec.grid_voxels, spec.resolution_A, center),
-        np.ascontiguousarray(sel[:, 0]), np.ascontiguousarray(sel[:, 1]), np.ascontiguousarray(sel[:, 2]),
-        np.full(n, spec.atom_radius_A), channel[inside], np.ones(n, dtype=np.uint32), np.ones(n),
+        img, Grid(grid_voxels, resolution_A, np.asarray(center, dtype=np.float64)),
+        np.ascontiguousarray(xyz[:, 0]), np.ascontiguousarray(xyz[:, 1]), np.ascontiguousarray(xyz[:, 2]),
+        np.full(n, radius_A), np.asarray(channel, dtype=np.int64), np.ones(n, dtype=np.uint32), np.ones(n),
         FillAlgorithm.FractionAtom, AggAlgorithm.Sum,
     )
-    return img
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:

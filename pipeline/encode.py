@@ -1,0 +1,173 @@
+"""The stored bytes of a structure's origins: per origin, or cropped from lattice tiles.
+
+Per origin (``OriginEncoder``, ``--exact-centers``): one ``macromol_voxelize`` call per
+image, on the atoms near its centre.
+
+Lattice (``LatticeEncoder``, the default): every origin's centre is snapped to the image
+lattice (``snap_centers``), the planes ``k * resolution`` on each axis, so that each image's
+voxel boundaries are lattice planes: with an odd ``grid_voxels`` the centre sits mid-voxel
+(``k + 1/2``), with an even one on a plane. Then a cube of the lattice (a *tile*) is
+voxelized once with the same kernel and each image is a slice copy of it. The kernel's
+FractionAtom/Sum value of a voxel depends only on the atoms overlapping it, added in the
+same order, and the voxel's corners, which both grids compute exactly (half-integer
+multiples of a resolution with a short mantissa, ``lattice_exact``): so a crop equals
+the image voxelized at its centre, bit for bit (tests/test_lattice.py checks every sample
+file, odd and even grids). An origin whose centre is not on the lattice (unsnapped, or a
+resolution like 0.3 Å whose multiples are not exact floats) is voxelized on its own.
+
+Tiles follow the origins, never the whole bounding box of an assembly: consecutive
+origins (atom order, so spatial neighbours) join a tile while the cube around their
+images stays within ``tile_bytes``; memory is one tile plus one structure's atoms.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.voxelize import ImageSpec, Storage, add_atoms, image_reach_A, rotate_about, voxelize
+
+TILE_BYTES = 64 * 2**20  # one float32 tile: a 161³ cube of 4 channels
+
+
+def lattice_offset(spec: ImageSpec) -> float:
+    """Where centres sit relative to the lattice planes: mid-voxel for odd grids, on a plane for even."""
+    return (spec.grid_voxels % 2) * spec.resolution_A / 2
+
+
+def lattice_exact(spec: ImageSpec) -> bool:
+    """True when lattice coordinates are exact floats (resolution n / 2**k with a small n:
+    1, 0.5, 0.75, 1.5 Å...), which bit-identical crops need."""
+    return Fraction(spec.resolution_A).numerator < 2**8
+
+
+def snap_centers(centers: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Move each centre to the nearest lattice point (at most resolution/2 per axis), float32-exact."""
+    res, off = spec.resolution_A, lattice_offset(spec)
+    snapped = np.rint((np.asarray(centers, dtype=np.float64) - off) / res) * res + off
+    return snapped.astype(np.float32)
+
+
+class OriginEncoder:
+    """Stored bytes of single origins, each voxelized on its own: the reference the checks use."""
+
+    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage):
+        from scipy.spatial import cKDTree
+
+        self.xyz, self.channel = xyz, channel.astype(np.int64)
+        self.tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
+        self.spec, self.storage = spec, storage
+        self.reach = image_reach_A(spec) + 1e-6
+        self.buffer = np.empty(spec.shape, dtype=np.float32)
+
+    def encode(self, center: np.ndarray, rotations: np.ndarray | None = None,
+               first: np.ndarray | None = None) -> tuple[bytes, int]:
+        """(stored bytes, saturated voxels) of the image(s) centred on ``center``.
+
+        ``rotations`` (R, 3, 3), as stored in the cache, gives R images (the first is the
+        identity); None gives the one canonical image. ``first``: the canonical image when
+        the caller already has it (a lattice crop).
+        """
+        center = np.asarray(center).astype(np.float64)
+        count = 1 if rotations is None else len(rotations)
+        if first is None or count > 1:
+            near = np.sort(np.asarray(self.tree.query_ball_point(center, self.reach), dtype=np.intp))  # atom order: same sums
+            near_xyz, near_channel = self.xyz[near], self.channel[near]
+        parts, saturated = [], 0
+        for r in range(count):
+            if r == 0 and first is not None:
+                img = first
+            else:
+                coords = near_xyz if r == 0 else rotate_about(near_xyz, center, rotations[r].astype(np.float64))
+                img = voxelize(coords, near_channel, center, self.spec, out=self.buffer)
+            stored, sat = self.storage.encode(img)
+            saturated += sat
+            parts.append(stored.tobytes())
+        return b"".join(parts), saturated
+
+    def encode_many(self, centers: np.ndarray, rotations: np.ndarray | None = None) -> Iterator[tuple[bytes, int]]:
+        for j in range(len(centers)):
+            yield self.encode(centers[j], rotations[j] if rotations is not None else None)
+
+
+class LatticeEncoder:
+    """Stored bytes of a structure's lattice origins, cropped from voxelized tiles (module docstring)."""
+
+    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage,
+                 tile_bytes: int = TILE_BYTES):
+        self.xyz, self.channel = xyz, channel.astype(np.int64)
+        self.spec, self.storage = spec, storage
+        L, C = spec.grid_voxels, spec.n_channels
+        self.max_side = max(L, int(round((tile_bytes / (4 * C)) ** (1 / 3))))
+        while C * self.max_side ** 3 * 4 > tile_bytes and self.max_side > L:
+            self.max_side -= 1
+        self._buffer = np.empty(0, np.float32)
+        self._per_origin: OriginEncoder | None = None
+        self.tiles = 0  # tiles voxelized (for benchmarks)
+
+    def per_origin(self) -> OriginEncoder:
+        if self._per_origin is None:
+            self._per_origin = OriginEncoder(self.xyz, self.channel, self.spec, self.storage)
+        return self._per_origin
+
+    def corners(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lattice index of each image's low corner, which centres are on the lattice)."""
+        spec = self.spec
+        k = (np.asarray(centers, dtype=np.float64) - lattice_offset(spec)) / spec.resolution_A
+        q = np.rint(k)
+        on = np.all(q == k, axis=1) & lattice_exact(spec) & np.all(np.abs(q) < 2**30, axis=1)
+        return q.astype(np.int64) - spec.grid_voxels // 2, on
+
+    def runs(self, q: np.ndarray, on: np.ndarray) -> Iterator[tuple[int, int, np.ndarray | None, int]]:
+        """(start, stop, tile corner, tile side) of consecutive lattice origins sharing a tile;
+        (j, j + 1, None, 0) for an origin off the lattice."""
+        L, n, j = self.spec.grid_voxels, len(q), 0
+        while j < n:
+            if not on[j]:
+                yield j, j + 1, None, 0
+                j += 1
+                continue
+            lo, hi, stop = q[j].copy(), q[j] + L, j + 1
+            while stop < n and on[stop]:
+                nlo, nhi = np.minimum(lo, q[stop]), np.maximum(hi, q[stop] + L)
+                if int((nhi - nlo).max()) > self.max_side:
+                    break
+                lo, hi, stop = nlo, nhi, stop + 1
+            yield j, stop, lo, int((hi - lo).max())
+            j = stop
+
+    def tile(self, lo: np.ndarray, side: int) -> np.ndarray:
+        """The voxelized lattice cube with low corner ``lo`` (lattice index) and ``side`` voxels."""
+        spec = self.spec
+        res, r = spec.resolution_A, spec.atom_radius_A
+        size = spec.n_channels * side ** 3
+        if self._buffer.size < size:
+            self._buffer = np.empty(size, np.float32)
+        img = self._buffer[:size].reshape(spec.n_channels, side, side, side)
+        img.fill(0)
+        lo_A, hi_A = lo * res, (lo + side) * res
+        inside = np.all((self.xyz >= lo_A - r) & (self.xyz <= hi_A + r), axis=1)
+        add_atoms(img, side, res, lo_A + side * res / 2, self.xyz[inside], self.channel[inside], r)
+        self.tiles += 1
+        return img
+
+    def encode_many(self, centers: np.ndarray, rotations: np.ndarray | None = None) -> Iterator[tuple[bytes, int]]:
+        """(stored bytes, saturated voxels) of each origin, in order; ``rotations`` (n, R, 3, 3)
+        or None. Rotated images (R > 1) are voxelized per origin about the snapped centre."""
+        L = self.spec.grid_voxels
+        q, on = self.corners(centers)
+        for start, stop, lo, side in self.runs(q, on):
+            tile = self.tile(lo, side) if lo is not None else None
+            for j in range(start, stop):
+                mats = rotations[j] if rotations is not None else None
+                if tile is None:
+                    yield self.per_origin().encode(centers[j], mats)
+                    continue
+                a, b, c = q[j] - lo
+                crop = tile[:, a:a + L, b:b + L, c:c + L]
+                if mats is not None and len(mats) > 1:
+                    yield self.per_origin().encode(centers[j], mats, first=crop)
+                else:
+                    stored, sat = self.storage.encode(crop)
+                    yield stored.tobytes(), sat
