@@ -31,7 +31,7 @@ from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
-from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers
+from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
@@ -207,6 +207,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             n = len(centers)
             if snap is not None:
                 centers = snap_centers(centers, snap)
+                centers = centers[tile_order(centers, snap)]
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
                               **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))

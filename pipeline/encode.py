@@ -16,8 +16,9 @@ file, odd and even grids). An origin whose centre is not on the lattice (unsnapp
 resolution like 0.3 Å whose multiples are not exact floats) is voxelized on its own.
 
 Tiles follow the origins, never the whole bounding box of an assembly: consecutive
-origins (atom order, so spatial neighbours) join a tile while the cube around their
-images stays within ``tile_bytes``; memory is one tile plus one structure's atoms.
+origins join a tile while the cube around their images stays within ``tile_bytes``, and
+the build stores a large structure's origins block by block (``tile_order``) so that
+consecutive origins share tiles; memory is one tile plus one structure's atoms.
 """
 from __future__ import annotations
 
@@ -47,6 +48,34 @@ def snap_centers(centers: np.ndarray, spec: ImageSpec) -> np.ndarray:
     res, off = spec.resolution_A, lattice_offset(spec)
     snapped = np.rint((np.asarray(centers, dtype=np.float64) - off) / res) * res + off
     return snapped.astype(np.float32)
+
+
+def tile_side(spec: ImageSpec, tile_bytes: int = TILE_BYTES) -> int:
+    """Voxels per side of the largest float32 tile within ``tile_bytes`` (at least one image)."""
+    side = int(round((tile_bytes / (4 * spec.n_channels)) ** (1 / 3)))
+    while spec.n_channels * side ** 3 * 4 > tile_bytes:
+        side -= 1
+    return max(spec.grid_voxels, side)
+
+
+def tile_order(centers: np.ndarray, spec: ImageSpec, tile_bytes: int = TILE_BYTES) -> np.ndarray:
+    """The order to store a structure's lattice origins in: by tile-sized block, then as given.
+
+    A structure whose images fit in one tile keeps its order (atom order). A larger one
+    (a ribosome) is cut into blocks of the lattice, anchored at its lowest image corner,
+    whose images fit in a tile; origins of one block get consecutive ids, so the writer
+    voxelizes each block once and emits origins in id order without buffering them.
+    """
+    n = len(centers)
+    if n == 0:
+        return np.arange(0)
+    L = spec.grid_voxels
+    q = np.rint((np.asarray(centers, dtype=np.float64) - lattice_offset(spec)) / spec.resolution_A).astype(np.int64)
+    side = tile_side(spec, tile_bytes)
+    if int((q.max(axis=0) - q.min(axis=0)).max()) + L <= side:
+        return np.arange(n)
+    block = (q - q.min(axis=0)) // (side - L + 1)
+    return np.lexsort((np.arange(n), block[:, 2], block[:, 1], block[:, 0]))
 
 
 class OriginEncoder:
@@ -98,10 +127,7 @@ class LatticeEncoder:
                  tile_bytes: int = TILE_BYTES):
         self.xyz, self.channel = xyz, channel.astype(np.int64)
         self.spec, self.storage = spec, storage
-        L, C = spec.grid_voxels, spec.n_channels
-        self.max_side = max(L, int(round((tile_bytes / (4 * C)) ** (1 / 3))))
-        while C * self.max_side ** 3 * 4 > tile_bytes and self.max_side > L:
-            self.max_side -= 1
+        self.max_side = tile_side(spec, tile_bytes)
         self._buffer = np.empty(0, np.float32)
         self._per_origin: OriginEncoder | None = None
         self.tiles = 0  # tiles voxelized (for benchmarks)

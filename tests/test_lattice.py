@@ -6,7 +6,7 @@ import pytest
 
 from cache_tools import format as fmt
 from pipeline.build import build_cache
-from pipeline.encode import LatticeEncoder, OriginEncoder, lattice_exact, snap_centers
+from pipeline.encode import LatticeEncoder, OriginEncoder, lattice_exact, snap_centers, tile_order
 from pipeline.origins import OriginRule, pick_origins
 from pipeline.parse import file_sha256, parse_atoms, parse_channels
 from pipeline.voxelize import ImageSpec, Storage, voxelize
@@ -35,6 +35,7 @@ def test_crops_equal_per_origin_voxelization_on_every_sample_file(grid):
         # snapped: at most half a voxel per axis, odd grids mid-voxel, even grids on a plane
         assert np.abs(centers - picked).max() <= 0.5
         assert np.all(centers % 1.0 == (0.5 if grid % 2 else 0.0))
+        centers = centers[tile_order(centers, spec, tile_bytes)]  # as the build stores them
         encoder = LatticeEncoder(atoms.xyz, atoms.channel, spec, storage, tile_bytes=tile_bytes)
         stored = [b for b, _ in encoder.encode_many(centers)]
         assert len(stored) == len(centers) and encoder.tiles >= 1
