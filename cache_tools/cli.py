@@ -1,4 +1,4 @@
-"""`cache-tools`: read, check, split and profile voxel caches.
+"""`cache-tools`: read, check, split, show and profile voxel caches.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs, so
@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("cache_tools.check", "verify a cache: completeness, checksums, values, staleness"),
     "split": ("cache_tools.split", "assign structures to train/val/test splits stored in the cache"),
     "subset": ("cache_tools.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
+    "show": ("cache_tools.show", "draw origins as max-intensity projections per channel: a contact sheet to check by eye"),
     "profile-memory": ("cache_tools.memory_cli", "sample private/shared, anon/file memory of a process tree"),
 }
 

@@ -14,6 +14,7 @@ COMMANDS = [
     ["cache-tools", "split"],
     ["cache-tools", "subset"],
     ["cache-tools", "check"],
+    ["cache-tools", "show"],
     ["cache-tools", "profile-memory"],
 ]
 MODULES = {"pipeline": "pipeline.cli", "cache-tools": "cache_tools.cli"}
