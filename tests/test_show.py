@@ -29,14 +29,13 @@ def test_projections_equal_max_of_what_the_dataset_returns_under_cube_and_stored
     checked = set()
     for i in range(len(augmented)):
         sample = augmented[i]
-        unrotated = plain[i]["image"].numpy()
-        # which of the 24 cube rotations did the Dataset apply? (exactly one fits a real image)
-        fits = [k for k in range(N_CUBE_ROTATIONS)
-                if np.array_equal(rotate_view(unrotated, k), sample["image"].numpy())]
-        assert len(fits) == 1
-        cube = fits[0]
+        cube = sample["cube_rotation"]  # the rotation the Dataset applied; show applies the same
         projections, shown = origin_projections(plain, i, cube)
         image = sample["image"].numpy()
+        # and it is the only one of the 24 that fits (a real image has no symmetry to hide behind)
+        fits = [k for k in range(N_CUBE_ROTATIONS)
+                if np.array_equal(project(rotate_view(plain[i]["image"].numpy(), k)), projections)]
+        assert fits == [cube]
         assert projections.shape == (4, 3, 11, 11)
         for a in range(3):
             np.testing.assert_array_equal(projections[:, a], image.max(axis=1 + a))
