@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.options import non_negative_int, positive_int
 
 UNIT_BYTES = 16 << 20  # bytes of voxels per checksum task: small enough to spread over cores
 SHARD_KINDS = ("missing-shard", "truncated-shard", "shard-index", "checksum", "non-finite", "negative",
@@ -164,6 +165,8 @@ def check_metadata(c: Cache) -> None:
             c.ranges = ranges
     c.ids = ragged(fmt.STRUCTURE_ID, m)
     c.paths = ragged(fmt.STRUCTURE_SOURCE_PATH, m)
+    if (c.root / (fmt.STRUCTURE_ENTRY_ID + "_offsets")).exists():  # absent in older caches
+        ragged(fmt.STRUCTURE_ENTRY_ID, m)
     c.sha256 = load(fmt.STRUCTURE_SHA256, (m, 32))
     c.atom_count = load(fmt.STRUCTURE_ATOM_COUNT, (m,))
     load(fmt.CENTER, (n, 3))
@@ -463,14 +466,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check staleness: each structure's source still has the content hash it was built "
                         "from; with no PATH, the source paths recorded in the cache, else files, "
                         "directories or @list.txt matched by structure id")
-    p.add_argument("--spot-check", type=int, default=0, metavar="N",
+    p.add_argument("--spot-check", type=non_negative_int, default=0, metavar="N",
                    help="re-parse and re-voxelize N random origins and compare them with the stored "
                         "images (uses --sources, or the recorded source paths)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the spot check's choice (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the spot check's choice (default: 0)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite the shard files that hold damaged origins from their sources with the "
                         "build's own code, then check again")
-    p.add_argument("--workers", type=int, default=None, help="threads for checksums (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="threads for checksums (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

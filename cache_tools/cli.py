@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from cache_tools.options import OneLineParser
+
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("cache_tools.info", "show parameters, counts, bytes and completeness of a cache"),
@@ -23,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="cache-tools", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="cache-tools", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():

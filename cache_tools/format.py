@@ -31,6 +31,8 @@ A cache is a zarr v3 group (a directory)::
       structures/n_chains            (M,)   int32     chains (auth_asym_id) of the first model
       structures/subset/<NAME>       (K,)   int32     optional; sorted structure rows of a subset;
                                                       attrs["subsets"][NAME] holds its expression
+      structures/entry_id_utf8, entry_id_offsets   ragged PDB entry ids (mmCIF _entry.id,
+                                     upper-cased); caches built before it: see entry_ids()
     (attrs["metadata_crc32"] holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
 
@@ -86,6 +88,7 @@ METHODS = ("X-RAY DIFFRACTION", "ELECTRON MICROSCOPY", "SOLUTION NMR", "SOLID-ST
 POLYMERS = ("protein", "DNA", "RNA")  # bit i of structures/polymer
 SUBSET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DATE_MISSING = np.iinfo(np.int32).min
+STRUCTURE_ENTRY_ID = "structures/entry_id"        # ragged: _utf8 + _offsets
 BUILD_DIR = ".build"
 # Single-chunk metadata arrays (ragged columns as their two parts); attrs["metadata_crc32"]
 # records the crc32 of each one's chunk file when the build completes.
@@ -93,7 +96,7 @@ METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
                    STRUCTURE_ID + "_utf8", STRUCTURE_ID + "_offsets",
                    STRUCTURE_SOURCE_PATH + "_utf8", STRUCTURE_SOURCE_PATH + "_offsets",
                    STRUCTURE_SHA256, STRUCTURE_ATOM_COUNT, STRUCTURE_ORIGIN_RANGE, STRUCTURE_SPLIT,
-                   *STRUCTURE_META_ARRAYS)
+                   *STRUCTURE_META_ARRAYS, STRUCTURE_ENTRY_ID + "_utf8", STRUCTURE_ENTRY_ID + "_offsets")
 
 STORAGE_DTYPES = ("float32", "float16", "uint8")
 UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay below this; see docs
@@ -237,6 +240,24 @@ def read_ragged_strings(root: str | os.PathLike, name: str) -> tuple[np.ndarray,
 
 def ragged_item(blob: np.ndarray, offsets: np.ndarray, k: int) -> str:
     return bytes(blob[int(offsets[k]):int(offsets[k + 1])]).decode("utf-8")
+
+
+def entry_id_from_name(structure_id: str) -> str:
+    """The entry id a structure id (a file name) implies: '1qjg_clean' -> '1QJG'.
+
+    Used for files without ``_entry.id`` and for caches built before the
+    ``structures/entry_id`` column existed.
+    """
+    return structure_id.split("_", 1)[0].upper()
+
+
+def entry_ids(root: str | os.PathLike) -> list[str]:
+    """Entry id of every structure: the recorded column, else derived from the structure ids."""
+    if Path(root, STRUCTURE_ENTRY_ID + "_offsets", "zarr.json").exists():
+        blob, offsets = read_ragged_strings(root, STRUCTURE_ENTRY_ID)
+        return [ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
+    blob, offsets = read_ragged_strings(root, STRUCTURE_ID)
+    return [entry_id_from_name(ragged_item(blob, offsets, k)) for k in range(len(offsets) - 1)]
 
 
 def encode_ragged(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -45,9 +45,12 @@ def cache_info(root: str | Path) -> dict:
         "origins_rule": params["origins"],
         "inputs": params["n_inputs"],
         "build": attrs.get("build", {}),
-        "failures": attrs.get("failures", []),
+        "failures": attrs.get("failures", []) if attrs.get("complete") else failures_so_far(root),
+        "duplicates": attrs.get("duplicates", []),
         "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
+    if not info["complete"]:
+        info["scanned_inputs"] = len(list((root / fmt.BUILD_DIR / "scan").glob("*.npz")))
     if (root / fmt.VOXELS / "zarr.json").exists():
         layout = fmt.VoxelLayout(root)
         info.update(origins=layout.n_origins, image_shape=list(layout.image_shape),
@@ -70,6 +73,27 @@ def cache_info(root: str | Path) -> dict:
         if attrs.get("subsets"):
             info["subsets"] = attrs["subsets"]
     return info
+
+
+def failures_so_far(root: Path) -> list[dict]:
+    """Inputs an unfinished build has already recorded as failed (its ``.build/scan`` results).
+
+    A complete cache lists them in its attributes; until then only the build state has
+    them, written as each file's scan ends (older builds did not record path and id).
+    """
+    scan_dir = root / fmt.BUILD_DIR / "scan"
+    failures = []
+    for path in sorted(scan_dir.glob("*.npz"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+        try:
+            with np.load(path, allow_pickle=False) as record:
+                if "reason" not in record.files:
+                    continue
+                failures.append({"path": str(record["source"]) if "source" in record.files else f"input #{path.stem}",
+                                 "id": str(record["id"]) if "id" in record.files else None,
+                                 "reason": str(record["reason"])})
+        except (OSError, ValueError):
+            continue  # being written: the next look will see it
+    return failures
 
 
 def format_info(info: dict) -> str:
@@ -95,6 +119,9 @@ def format_info(info: dict) -> str:
                      f"median {ops['median']:g}, max {ops['max']})")
         lines.append(f"  layout:     {info['shards']} shards of {info['origins_per_shard']} origins, "
                      f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
+    elif "scanned_inputs" in info:
+        lines.append(f"  structures: scanning, {info['scanned_inputs']} of {info['inputs']} inputs done, "
+                     f"{len(info['failures'])} failed so far")
     for name, split in info.get("splits", {}).items():
         lines.append(f"  split {name}: {split['structures']} structures, {split['origins']} origins")
     if "structure_meta" in info:
@@ -112,6 +139,10 @@ def format_info(info: dict) -> str:
         lines.append(f"  failed:     {failure['path']}: {failure['reason']}")
     if len(info["failures"]) > 20:
         lines.append(f"  ... and {len(info['failures']) - 20} more failures (--json lists all)")
+    for dup in info["duplicates"][:20]:
+        lines.append(f"  skipped:    {dup['path']}: same content as {dup['same_as']}")
+    if len(info["duplicates"]) > 20:
+        lines.append(f"  ... and {len(info['duplicates']) - 20} more duplicates (--json lists all)")
     return "\n".join(lines)
 
 

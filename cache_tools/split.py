@@ -1,9 +1,12 @@
-"""`cache-tools split`: assign whole structures to train/val/test, stored in the cache.
+"""`cache-tools split`: assign whole entries to train/val/test, stored in the cache.
 
-Splitting by structure (never by origin) keeps overlapping images of one entry out
-of two splits. The assignment is a ``uint8`` code per structure
-(``structures/split``) plus the split names in the cache attributes, so the
-Dataset reads it as one small memory-mapped array.
+Splitting by structure (never by origin) keeps overlapping images of one structure out
+of two splits, and structures of one PDB entry (``structures/entry_id``, e.g. ``1qjg``
+and ``1qjg_clean``) or with byte-identical sources go to the same split: a group is
+assigned as a whole. Sequence-identity clustering is the user's to supply, as
+``--from-file`` lists. The assignment is a ``uint8`` code per structure
+(``structures/split``) plus the split names in the cache attributes, so the Dataset
+reads it as one small memory-mapped array.
 """
 from __future__ import annotations
 
@@ -14,41 +17,85 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.options import fraction, non_negative_int
 
 SPLIT_NAMES = ("train", "val", "test")
+BALANCE = ("structures", "origins")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", metavar="CACHE")
-    p.add_argument("--val", type=float, default=0.0, help="fraction of structures for 'val' (default: 0)")
-    p.add_argument("--test", type=float, default=0.0, help="fraction of structures for 'test' (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random assignment (default: 0)")
+    p.add_argument("--val", type=fraction, default=0.0, help="fraction for 'val' (default: 0)")
+    p.add_argument("--test", type=fraction, default=0.0, help="fraction for 'test' (default: 0)")
+    p.add_argument("--balance", choices=BALANCE, default="structures",
+                   help="what the fractions count: structures, or origins (samples) (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random assignment (default: 0)")
     p.add_argument("--from-file", action="append", default=[], metavar="NAME=IDS.txt",
                    help="put the structure ids listed in IDS.txt (one per line) in split NAME, e.g. a "
-                        "hand-verified validation set; repeatable; the rest is split by --val/--test")
+                        "hand-verified validation set or your sequence-identity clusters; repeatable; "
+                        "the rest is split by --val/--test")
     p.add_argument("--by-date", action="append", default=[], metavar="NAME=YYYY-MM-DD",
                    help="time split: structures deposited on or after the date go to split NAME "
                         "(repeatable: each split runs until the next date), the earlier ones to "
                         "'train', e.g. --by-date val=2021-01-01; replaces --val/--test")
 
 
-def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: int = 0,
-                  from_files: dict[str, list[str]] | None = None,
-                  by_date: dict[str, str] | None = None) -> dict[str, int]:
-    """Write the split assignment; returns structures per split. Unknown listed ids raise."""
+def group_structures(root: str | Path) -> np.ndarray:
+    """Group number of each structure: structures of one entry id, or with identical
+    source content, share a group (numbered by first appearance)."""
+    entries = fmt.entry_ids(root)
+    sha = fmt.read_array(root, fmt.STRUCTURE_SHA256)
+    parent = list(range(len(entries)))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for keys in (entries, [bytes(row) for row in sha]):
+        first: dict = {}
+        for k, key in enumerate(keys):
+            j = first.setdefault(key, k)
+            a, b = find(j), find(k)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = np.array([find(k) for k in range(len(entries))], dtype=np.int64)
+    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
+def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: int = 0,
+                   from_files: dict[str, list[str]] | None = None,
+                   balance: str = "structures",
+                   by_date: dict[str, str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(split names, uint8 code per structure), without writing anything.
+
+    Groups (see :func:`group_structures`) are shuffled with ``seed`` and filled in
+    order; a group goes to the split its middle falls in, weighing each group by its
+    structures or its origins (``balance``); ``by_date`` assigns them by deposition
+    date instead (:func:`date_codes`). Raises ValueError for unknown listed ids,
+    a group listed for two splits, or a requested split that would be empty.
+    """
     root = Path(root)
     attrs = fmt.read_attrs(root)
     fmt.require_complete(root, attrs)
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"--val {val} and --test {test} must be fractions in [0, 1) summing below 1")
+    if balance not in BALANCE:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
     blob, offsets = fmt.read_ragged_strings(root, fmt.STRUCTURE_ID)
     ids = [fmt.ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    weight = (ranges[:, 1] - ranges[:, 0]) if balance == "origins" else np.ones(len(ids), np.int64)
+    group = group_structures(root)
     position = {sid.lower(): k for k, sid in enumerate(ids)}
     names = list(SPLIT_NAMES)
     codes = np.full(len(ids), 255, dtype=np.uint8)
     for name, listed in (from_files or {}).items():
         if name not in names:
             names.append(name)
+        if not listed:
+            raise ValueError(f"the id list for split {name!r} is empty")
         unknown = [sid for sid in listed if sid.lower() not in position]
         if unknown:
             raise ValueError(f"{len(unknown)} ids listed for split {name!r} are not in the cache: "
@@ -58,25 +105,48 @@ def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: i
             if codes[k] != 255 and codes[k] != names.index(name):
                 raise ValueError(f"structure {sid!r} is listed for two splits")
             codes[k] = names.index(name)
-    free = np.flatnonzero(codes == 255)
+    # A listed structure takes its whole group along (same entry, same content).
+    for g in np.unique(group[codes != 255]):
+        members = np.flatnonzero(group == g)
+        listed = set(codes[members].tolist()) - {255}
+        if len(listed) > 1:
+            raise ValueError(f"structures {', '.join(ids[k] for k in members)} are one entry (or identical "
+                             f"files) but are listed for splits {', '.join(names[c] for c in sorted(listed))}")
+        codes[members] = listed.pop()
     if by_date:
-        return _write(root, attrs, date_codes(root, codes, names, by_date), names,
-                      {"by_date": by_date, "from_files": sorted((from_files or {}).keys())})
-    order = free[np.random.default_rng(seed).permutation(len(free))]
-    n_val, n_test = round(val * len(ids)), round(test * len(ids))
-    codes[order[:n_val]] = names.index("val")
-    codes[order[n_val:n_val + n_test]] = names.index("test")
-    codes[order[n_val + n_test:]] = names.index("train")
-    return _write(root, attrs, codes, names, {"val": val, "test": test, "seed": seed,
-                                              "from_files": sorted((from_files or {}).keys())})
+        return names, date_codes(root, codes, names, by_date)
+    free_groups = np.unique(group[codes == 255])
+    order = free_groups[np.random.default_rng(seed).permutation(len(free_groups))]
+    group_weight = np.bincount(group, weights=weight, minlength=int(group.max(initial=-1)) + 1)
+    middle = np.cumsum(group_weight[order]) - group_weight[order] / 2
+    total = float(weight.sum())
+    target = np.where(middle < val * total, names.index("val"),
+                      np.where(middle < (val + test) * total, names.index("test"), names.index("train")))
+    codes_of_group = np.full(len(group_weight), 255, dtype=np.uint8)
+    codes_of_group[order] = target
+    free = codes == 255
+    codes[free] = codes_of_group[group[free]]
+    for name, fraction_ in (("val", val), ("test", test)):
+        if fraction_ > 0 and not (codes == names.index(name)).any():
+            raise ValueError(f"--{name} {fraction_} gives split {name!r} no structures ({len(ids)} structures "
+                             f"in {len(group_weight)} entries, {int(total)} {balance}); use a larger "
+                             "fraction or --from-file")
+    return names, codes
 
 
-def _write(root: Path, attrs: dict, codes: np.ndarray, names: list[str], params: dict) -> dict[str, int]:
+def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: int = 0,
+                  from_files: dict[str, list[str]] | None = None, balance: str = "structures",
+                  by_date: dict[str, str] | None = None) -> dict[str, int]:
+    """Write the split assignment into the cache; returns structures per split."""
+    names, codes = compute_splits(root, val, test, seed, from_files, balance, by_date)
+    attrs = fmt.read_attrs(root)
     fmt.write_array(root, fmt.STRUCTURE_SPLIT, codes)
     fmt.update_attrs(root, splits=names,
                      metadata_crc32={**attrs.get("metadata_crc32", {}),
                                      fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)},
-                     split_params=params)
+                     split_params={"by_date": by_date} if by_date else
+                     {"val": val, "test": test, "seed": seed, "balance": balance,
+                      "from_files": sorted((from_files or {}).keys())})
     return {name: int((codes == i).sum()) for i, name in enumerate(names)}
 
 
@@ -120,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
                 from_files[name] = _read_ids(path)
             except OSError as exc:
                 raise ValueError(f"{path}: cannot read id list ({exc.strerror or exc})") from None
+            if not from_files[name]:
+                raise ValueError(f"--from-file {item!r}: {path} lists no ids")
         by_date = {}
         for item in args.by_date:
             name, sep, day = item.partition("=")
@@ -128,15 +200,22 @@ def run(args: argparse.Namespace) -> int:
             by_date[name] = day
         if by_date and (args.val or args.test):
             raise ValueError("--by-date replaces --val/--test; give one or the other")
-        counts = assign_splits(args.cache, args.val, args.test, args.seed, from_files, by_date)
+        counts = assign_splits(args.cache, args.val, args.test, args.seed, from_files, args.balance, by_date)
     except (fmt.CacheError, ValueError) as exc:
         print(f"cache-tools split: {exc}", file=sys.stderr)
         return 2
     ranges = fmt.read_array(args.cache, fmt.STRUCTURE_ORIGIN_RANGE)
     codes = fmt.read_array(args.cache, fmt.STRUCTURE_SPLIT)
     per = ranges[:, 1] - ranges[:, 0]
+    groups = group_structures(args.cache)
+    shared = int((np.bincount(groups) > 1).sum())
     for i, (name, n) in enumerate(counts.items()):
-        print(f"{name:>8}: {n} structures, {int(per[codes == i].sum())} origins")
+        print(f"{name:>8}: {n} structures, {int(per[codes == i].sum())} origins "
+              f"({100 * per[codes == i].sum() / max(1, per.sum()):.0f}% of origins)")
+        if n == 0 and name == "train":
+            print("cache-tools split: warning: split 'train' is empty", file=sys.stderr)
+    if shared:
+        print(f"  kept together: {shared} entries with more than one structure (same entry id or content)")
     if args.by_date:
         from cache_tools.structure_meta import StructureColumns
         undated = int((StructureColumns(args.cache).values("deposited") == fmt.DATE_MISSING).sum())

@@ -14,11 +14,14 @@ after a crash resumes, and ends with the same bytes an uninterrupted run writes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -65,6 +68,7 @@ class BuildParams:
     origins_file: str | None = None
     origins_per_shard: int = 0  # 0 = automatic
     exact_centers: bool = False  # True: images centred on the origins as picked, voxelized one by one
+    keep_duplicates: bool = False  # inputs with the same content as an earlier one are skipped
 
     def fingerprint(self, sources: list[Path]) -> dict:
         origins_sha = file_sha256(self.origins_file) if self.origins_file else None
@@ -81,6 +85,8 @@ class BuildParams:
             "origins_per_shard": self.origins_per_shard,
             "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode("utf-8", "surrogateescape")).hexdigest(),
             "n_inputs": len(sources),
+            # only when set, so caches built before the option existed still resume
+            **({"keep_duplicates": True} if self.keep_duplicates else {}),
         }
 
 
@@ -95,6 +101,7 @@ class BuildSummary:
     resumed: bool = False
     already_complete: bool = False
     saturated_voxels: int = 0
+    duplicates: list[dict] = field(default_factory=list)
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -164,10 +171,12 @@ def structure_ids(sources: list[Path]) -> list[str]:
 
 def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
               rule: OriginRule, listed: dict[str, np.ndarray] | None,
-              snap: ImageSpec | None = None) -> list[tuple[int, int]]:
+              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> list[tuple[int, int]]:
     """Parse files and pick their origins; returns (file index, origins or -1 on failure).
 
     ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
+    ``box_half_A``: an atom touches an image only within this distance of its centre
+    along every axis; a listed origin with no atom that close would be an empty image.
     """
     out = []
     for index, source, sid in items:
@@ -187,6 +196,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                     centers = listed.get(sid, np.zeros((0, 3)))
                     if len(centers) == 0:
                         raise ParseError(f"no origins for id '{sid}' in the --origins file")
+                    empty_origin_check(atoms.xyz, centers, box_half_A)
                 else:
                     centers = pick_origins(atoms.xyz, rule, sha)
                     if len(centers) == 0:
@@ -210,11 +220,28 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                 centers = centers[tile_order(centers, snap)]
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
+                              entry_id=np.array(atoms.entry_id),
                               **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
         else:
-            write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha))
+            write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
+                              source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
         out.append((index, n))
     return out
+
+
+def empty_origin_check(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> None:
+    """Raise ParseError naming the first listed origin whose image would hold no atom."""
+    from scipy.spatial import cKDTree
+
+    if not np.isfinite(box_half_A) or len(xyz) == 0:
+        return
+    distance, _ = cKDTree(xyz).query(centers, p=np.inf)  # per-axis (Chebyshev) distance
+    far = np.flatnonzero(distance >= box_half_A)
+    if len(far):
+        c = centers[far[0]]
+        raise ParseError(f"{len(far)} of {len(centers)} --origins rows would be empty images, e.g. "
+                         f"({c[0]:g}, {c[1]:g}, {c[2]:g}): no atom within the image "
+                         f"(nearest is {distance[far[0]]:.1f} Å away along an axis)")
 
 
 def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
@@ -266,6 +293,11 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
             raise InputError(f"{params.origins_file}: cannot read origins file ({exc.strerror or exc})") from None
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        unknown = sorted(set(listed) - set(ids))
+        if unknown:
+            raise InputError(f"{params.origins_file}: {len(unknown)} structure ids match no input file: "
+                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} "
+                             f"(ids are file names without .cif/.cif.gz, e.g. {ids[0]})")
     fingerprint = params.fingerprint(sources)
     summary = BuildSummary(out=str(root))
     summary.resumed = _prepare_store(root, fingerprint, overwrite)
@@ -282,13 +314,15 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                 if not write.scan_path(root, i).exists()]
         batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
+        box_half = params.image.grid_voxels * params.image.resolution_A / 2 + params.image.atom_radius_A
         futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
-                                 None if params.exact_centers else params.image, pure=False) for b in batches]
+                                 None if params.exact_centers else params.image, box_half, pure=False)
+                   for b in batches]
         _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
              unit="file", progress=progress, weight=len)
 
         # Layout: origin ids from scan results in input order.
-        table = _collect_scan(root, sources, ids)
+        table = _collect_scan(root, sources, ids, params.keep_duplicates)
         if table["n_origins"] == 0:
             raise BuildError(f"no origins in any input: all {len(table['failures'])} files failed; "
                              "nothing to build", failures=table["failures"])
@@ -309,7 +343,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
     saturated = sum(sat for _, sat in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
-        root, complete=True, failures=table["failures"], metadata_crc32=fmt.metadata_checksums(root),
+        root, complete=True, failures=table["failures"], duplicates=table["duplicates"],
+        metadata_crc32=fmt.metadata_checksums(root),
         build={**(attrs.get("build") or {}),
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
@@ -334,11 +369,10 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
                                  for p in root.iterdir()):
             raise InputError(f"{root}: exists and is not a voxel cache; refusing to write into it "
                              "(choose another --out)")
-        if attrs is not None and not overwrite:
-            changed = sorted(k for k in set(fingerprint) | set(attrs.get("params", {}))
-                             if fingerprint.get(k) != attrs.get("params", {}).get(k))
+        if attrs is not None and not overwrite and _has_finished_work(root, attrs):
             raise InputError(f"{root}: existing cache was built with other parameters or inputs "
-                             f"(differs in: {', '.join(changed)}); pass --overwrite to replace it")
+                             f"({describe_changes(attrs.get('params') or {}, fingerprint)}); "
+                             "pass --overwrite to replace it")
         if attrs is not None:
             shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -351,13 +385,56 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
     return False
 
 
-def _collect_scan(root: Path, sources: list[Path], ids: list[str]) -> dict:
-    ok_index, centers, n_atoms, shas, failures, meta = [], [], [], [], [], []
+def _has_finished_work(root: Path, attrs: dict) -> bool:
+    """Whether a store holds anything a rebuild would redo: a complete cache, a structure
+    parsed with origins (its atoms are kept), or a written shard. A store left by a build
+    that failed or stopped before any of that (every input failed, no scheduler) is not."""
+    return bool(attrs.get("complete")) or any(
+        any(write.build_dir(root, part).glob("*")) for part in ("atoms", "done") if write.build_dir(root, part).is_dir())
+
+
+# What a user changed, in the options' own terms (fingerprint key -> how to say it).
+_PARAM_NAMES = {"channels": "--channels", "image": "--grid-voxels/--resolution/--atom-radius",
+                "voxelizer": "the macromol_voxelize version", "storage": "--dtype/--uint8-max",
+                "origins": "the origin rule (--min-neighbors, --neighbor-radius, --min-spacing, "
+                           "--max-origins-per-structure, --seed or --origins)",
+                "rotations": "--rotations", "origins_per_shard": "--origins-per-shard"}
+
+
+def describe_changes(before: dict, now: dict) -> str:
+    """'the input file list differs: 13 inputs before, 1 now; --rotations differs: 1 before, 3 now'."""
+    parts = []
+    if before.get("inputs_sha256") != now.get("inputs_sha256") or before.get("n_inputs") != now.get("n_inputs"):
+        parts.append(f"the input file list differs: {before.get('n_inputs', '?')} inputs before, "
+                     f"{now.get('n_inputs')} now")
+    for key in sorted(set(before) | set(now)):
+        if key in ("inputs_sha256", "n_inputs") or before.get(key) == now.get(key):
+            continue
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            detail = ", ".join(f"{k} {old.get(k)} before, {new.get(k)} now" for k in diff)
+        else:
+            detail = f"{old} before, {new} now"
+        parts.append(f"{_PARAM_NAMES.get(key, key)} differs: {detail}")
+    return "; ".join(parts) or "parameters differ"
+
+
+def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicates: bool = False) -> dict:
+    ok_index, centers, n_atoms, shas, failures, meta, entries, duplicates = [], [], [], [], [], [], [], []
+    first_with: dict[str, int] = {}  # content sha256 -> first input with it
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
         if "reason" in res:
             failures.append({"path": str(src), "id": ids[i], "reason": str(res["reason"])})
             continue
+        sha = str(res["sha256"])
+        if sha in first_with and not keep_duplicates:  # same bytes: the same images again
+            duplicates.append({"path": str(src), "id": ids[i], "same_as": ids[first_with[sha]]})
+            continue
+        first_with.setdefault(sha, i)
+        entries.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
+                       else fmt.entry_id_from_name(ids[i]))
         ok_index.append(i)
         centers.append(res["centers"])
         n_atoms.append(int(res["n_atoms"]))
@@ -367,7 +444,8 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str]) -> dict:
     stops = np.cumsum(counts)
     return {"file_index": ok_index, "centers": centers, "n_atoms": n_atoms, "sha256": shas,
             "ranges": np.stack([stops - counts, stops], axis=1) if len(counts) else np.zeros((0, 2), np.int64),
-            "n_origins": int(counts.sum()), "failures": failures, "meta": meta,
+            "n_origins": int(counts.sum()), "failures": failures, "meta": meta, "duplicates": duplicates,
+            "entry_ids": entries,
             "ids": [ids[i] for i in ok_index], "paths": [str(sources[i]) for i in ok_index]}
 
 
@@ -387,6 +465,7 @@ def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayo
     fmt.write_array(root, fmt.STRUCTURE_INDEX, structure_index)
     fmt.write_ragged_strings(root, fmt.STRUCTURE_ID, table["ids"])
     fmt.write_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH, table["paths"])
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_ENTRY_ID, table["entry_ids"])
     fmt.write_array(root, fmt.STRUCTURE_SHA256,
                     np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table["sha256"]]))
     fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table["n_atoms"], dtype=np.int32))
@@ -495,18 +574,50 @@ class _dask_client:
         n = self.workers or max(1, os.cpu_count() or 1)
         # No dashboard; the scheduler's small HTTP server (health, metrics) still starts, so
         # give it any free local port: its default, 8787, prints a warning when taken.
-        self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                    dashboard_address=None, silence_logs=logging.ERROR,
-                                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
-        self.client = Client(self.cluster)
+        # Ctrl-C goes to the whole process group: workers ignore it (pipeline.worker_setup, run
+        # as each worker starts), so only this process stops, and it shuts the cluster down,
+        # instead of each worker dying with a page of tracebacks.
+        try:
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=logging.ERROR,
+                                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                                        preload=["pipeline.worker_setup"])
+            self.client = Client(self.cluster)
+        except KeyboardInterrupt:
+            self.__exit__(KeyboardInterrupt, None, None)
+            raise
         return self.client
 
-    def __exit__(self, *exc):
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+    def __exit__(self, exc_type, *exc):
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        if interrupted:  # closing with tasks in flight logs cancelled comms: expected, so unsaid
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    self.client.run(_quiet_worker_logs)
+        with _sigint_ignored() if interrupted else contextlib.nullcontext():  # a second Ctrl-C: still quiet
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
         return False
+
+
+def _quiet_worker_logs() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (the main thread only may change handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -> BuildSummary:
@@ -517,6 +628,7 @@ def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -
     summary.bytes_on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     summary.elapsed_s = time.time() - started
     summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
+    summary.duplicates = attrs.get("duplicates", [])
     return summary
 
 
@@ -533,7 +645,7 @@ def params_from_attrs(attrs: dict) -> BuildParams:
         rule=OriginRule(**{k: v for k, v in rule.items() if k != "rule"}) if rule["rule"] != "file"
         else OriginRule(seed=rule.get("seed", 0)),
         rotations=int(p["rotations"]), origins_file=rule.get("path"),
-        origins_per_shard=int(p["origins_per_shard"]),
+        origins_per_shard=int(p["origins_per_shard"]), keep_duplicates=bool(p.get("keep_duplicates")),
         exact_centers=p.get("centers", "exact") == "exact")  # caches from before the lattice: exact
 
 

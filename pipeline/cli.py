@@ -14,6 +14,8 @@ import os
 import sys
 
 from cache_tools.format import STORAGE_DTYPES, UINT8_DEFAULT_MAX
+from cache_tools.options import (OneLineParser, non_negative_float, non_negative_int, positive_float,
+                                 positive_int)
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,30 +24,33 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                         "or @list.txt with one path per line")
     p.add_argument("--out", required=True, metavar="CACHE", help="the zarr v3 store to write (a directory)")
     g = p.add_argument_group("image")
-    g.add_argument("--grid-voxels", type=int, default=21, help="voxels per side (default: %(default)s)")
-    g.add_argument("--resolution", type=float, default=1.0, help="Å per voxel (default: %(default)s)")
+    g.add_argument("--grid-voxels", type=positive_int, default=21, help="voxels per side (default: %(default)s)")
+    g.add_argument("--resolution", type=positive_float, default=1.0, help="Å per voxel (default: %(default)s)")
     g.add_argument("--channels", default="C,N,O,*",
                    help="element groups, one channel each; '|' joins elements, '*' takes the rest "
                         "(default: %(default)s)")
-    g.add_argument("--atom-radius", type=float, default=0.5, help="atom radius in Å (default: %(default)s)")
+    g.add_argument("--atom-radius", type=positive_float, default=0.5, help="atom radius in Å (default: %(default)s)")
     g.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
                    help="storage dtype (default: %(default)s); uint8 stores round(v / scale)")
-    g.add_argument("--uint8-max", type=float, default=UINT8_DEFAULT_MAX,
-                   help="with --dtype uint8: the value stored as 255; larger values saturate "
-                        "(counted in the summary) (default: %(default)s)")
-    g.add_argument("--rotations", type=int, default=1,
+    g.add_argument("--uint8-max", type=positive_float, default=None,
+                   help="with --dtype uint8 only: the value stored as 255; larger values saturate "
+                        f"(counted in the summary) (default: {UINT8_DEFAULT_MAX})")
+    g.add_argument("--rotations", type=positive_int, default=1,
                    help="images per origin: the canonical one plus K-1 seeded random rotations "
                         "(atoms rotated before voxelizing) (default: %(default)s)")
     g = p.add_argument_group("origins")
-    g.add_argument("--min-neighbors", type=int, default=30,
+    g.add_argument("--min-neighbors", type=non_negative_int, default=30,
                    help="a candidate atom has at least this many heavy atoms within --neighbor-radius "
                         "(default: %(default)s)")
-    g.add_argument("--neighbor-radius", type=float, default=6.0, help="Å (default: %(default)s)")
-    g.add_argument("--min-spacing", type=float, default=6.0,
+    g.add_argument("--neighbor-radius", type=positive_float, default=6.0, help="Å (default: %(default)s)")
+    g.add_argument("--min-spacing", type=non_negative_float, default=6.0,
                    help="no two origins of a structure closer than this, Å (default: %(default)s)")
-    g.add_argument("--max-origins-per-structure", type=int, default=1000,
+    g.add_argument("--max-origins-per-structure", type=non_negative_int, default=1000,
                    help="0 for no cap (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of origin thinning and rotations (default: %(default)s)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of origin thinning and rotations (default: %(default)s)")
+    g.add_argument("--keep-duplicates", action="store_true",
+                   help="keep inputs whose content is byte-identical to an earlier input (by default "
+                        "they are skipped and listed: the same images twice would leak across splits)")
     g.add_argument("--origins", metavar="FILE",
                    help="CSV 'structure_id,x,y,z' of origins to use instead of the neighbour rule")
     g.add_argument("--exact-centers", action="store_true",
@@ -54,12 +59,12 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                         "(at most --resolution/2 per axis) and images are cut from one voxelization "
                         "of the structure")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--workers", type=positive_int, default=None,
                    help="local dask worker processes, one thread each (default: all cores)")
     g.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="use an existing dask cluster, e.g. tcp://host:8786 (or set DASK_SCHEDULER_ADDRESS); "
                         "--out must be on a filesystem every worker sees")
-    g.add_argument("--origins-per-shard", type=int, default=0,
+    g.add_argument("--origins-per-shard", type=non_negative_int, default=0,
                    help="origins per shard file (default: automatic, ~256 MiB shards)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing cache built with other parameters or inputs "
@@ -68,7 +73,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0],
+    parser = OneLineParser(prog="pipeline", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -89,26 +94,43 @@ def params_from_args(args: argparse.Namespace):
     from pipeline.voxelize import ImageSpec, Storage
 
     channels = parse_channels(args.channels)
-    for name, value, low in (("--grid-voxels", args.grid_voxels, 1), ("--rotations", args.rotations, 1),
-                             ("--resolution", args.resolution, 1e-9), ("--atom-radius", args.atom_radius, 1e-9),
-                             ("--uint8-max", args.uint8_max, 1e-9), ("--min-spacing", args.min_spacing, 0),
-                             ("--max-origins-per-structure", args.max_origins_per_structure, 0),
-                             ("--origins-per-shard", args.origins_per_shard, 0)):
-        if value < low:
-            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {value}")
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.uint8_max is not None and args.dtype != "uint8":
+        raise ValueError(f"--uint8-max applies only with --dtype uint8 (got --dtype {args.dtype})")
+    uint8_max = UINT8_DEFAULT_MAX if args.uint8_max is None else args.uint8_max
+    image = ImageSpec(args.grid_voxels, args.resolution, len(channels), args.atom_radius)
+    if not args.scheduler and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        check_image_fits(image, args.workers)
     return BuildParams(
         channels=channels,
-        image=ImageSpec(args.grid_voxels, args.resolution, len(channels), args.atom_radius),
-        storage=Storage(args.dtype, args.uint8_max),
+        image=image,
+        storage=Storage(args.dtype, uint8_max),
         rule=OriginRule(args.min_neighbors, args.neighbor_radius, args.min_spacing,
                         args.max_origins_per_structure, args.seed),
         rotations=args.rotations,
         origins_file=os.path.abspath(args.origins) if args.origins else None,
         origins_per_shard=args.origins_per_shard,
         exact_centers=args.exact_centers,
+        keep_duplicates=args.keep_duplicates,
     )
+
+
+def check_image_fits(image, workers: int | None) -> None:
+    """Refuse an image size the local workers cannot hold, before starting them.
+
+    Each worker keeps about three float32 images of the grid at once (the voxelizer's
+    buffer, the stored copy and the shard being written); more than the memory budget
+    (RAM, or the cgroup limit) would end in worker MemoryErrors instead of one line.
+    """
+    from cache_tools.cgroup import memory_budget
+
+    per_image = 4 * image.n_channels * image.grid_voxels ** 3
+    n = workers or max(1, os.cpu_count() or 1)
+    budget = memory_budget()
+    if 3 * per_image * n > budget:
+        raise ValueError(f"--grid-voxels {image.grid_voxels}: one image is {_human(per_image)} "
+                         f"({image.n_channels} channels x {image.grid_voxels}^3 float32), and {n} workers "
+                         f"need about {_human(3 * per_image * n)}, more than this machine's memory "
+                         f"budget ({_human(budget)}); use a smaller grid or fewer --workers")
 
 
 def _human(n: float) -> str:
@@ -146,10 +168,14 @@ def run_build(args: argparse.Namespace) -> int:
         return 130
     for failure in summary.failures:
         print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
+    for dup in summary.duplicates:
+        print(f"SKIPPED {dup['path']}: same content as {dup['same_as']} (--keep-duplicates keeps it)",
+              file=sys.stderr)
     state = ("already complete, nothing to do" if summary.already_complete
              else "resumed and completed" if summary.resumed else "complete")
     print(f"{summary.out}: {state}\n"
-          f"  structures: {summary.structures_ok} ok, {len(summary.failures)} failed\n"
+          f"  structures: {summary.structures_ok} ok, {len(summary.failures)} failed"
+          + (f", {len(summary.duplicates)} duplicates skipped" if summary.duplicates else "") + "\n"
           f"  origins:    {summary.origins}\n"
           f"  size:       {_human(summary.bytes_on_disk)} ({params.storage.dtype})\n"
           f"  elapsed:    {summary.elapsed_s:.1f} s" +

@@ -89,5 +89,7 @@ def read_origins_file(path: str | Path) -> dict[str, np.ndarray]:
                 if lineno == 1:
                     continue  # header
                 raise ValueError(f"{path}:{lineno}: coordinates are not numbers: {row[1:]}") from None
+            if not all(np.isfinite(xyz)):
+                raise ValueError(f"{path}:{lineno}: coordinates are not finite: {row[1:]}")
             by_structure.setdefault(row[0].strip().lower(), []).append(xyz)
     return {k: np.asarray(v, dtype=np.float64) for k, v in by_structure.items()}

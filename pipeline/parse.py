@@ -41,6 +41,7 @@ class Atoms:
     n_models: int
     block_name: str
     n_chains: int = 0     # chains of the first model, before any atom is dropped
+    entry_id: str = ""    # mmCIF _entry.id, upper-cased; "" when the file has none
     block: object = field(default=None, repr=False, compare=False)  # the gemmi cif.Block, for metadata
 
     def __len__(self) -> int:
@@ -58,6 +59,14 @@ def parse_channels(spec: str) -> list[list[str]]:
     flat = [e for ch in channels for e in ch]
     if len(set(flat)) != len(flat):
         raise ValueError(f"--channels {spec!r}: an element is listed twice")
+    import gemmi
+
+    for e in flat:
+        if e in ("H", "D"):
+            raise ValueError(f"--channels {spec!r}: {e} matches nothing (hydrogens are never voxelized)")
+        if e not in ("*", "X") and gemmi.Element(e).atomic_number == 0:
+            raise ValueError(f"--channels {spec!r}: {e!r} is not an element symbol "
+                             "(use symbols like C, N, O, SE, or * for the rest)")
     return channels
 
 
@@ -177,6 +186,7 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
 
     coords: list[tuple[float, float, float]] = []
     chans: list[int] = []
+    unlisted: set[str] = set()  # observed heavy elements no channel takes
     for chain in st[0]:
         for residue in chain:
             for atom in residue:
@@ -184,6 +194,7 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
                     continue
                 ch = lookup.get(atom.element.name.upper(), star)
                 if ch is None:
+                    unlisted.add(atom.element.name.upper())
                     continue
                 p = atom.pos
                 if not (math.isfinite(p.x) and math.isfinite(p.y) and math.isfinite(p.z)):
@@ -191,11 +202,23 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
                                      "missing or non-numeric coordinates in _atom_site.Cartn_x/y/z")
                 coords.append((p.x, p.y, p.z))
                 chans.append(ch)
+    if not chans and unlisted:
+        raise ParseError(f"no atom matches a channel: the first model's heavy atoms are "
+                         f"{', '.join(sorted(unlisted))}, none of them in --channels "
+                         f"{','.join('|'.join(c) for c in channels)}")
     if not chans:
         raise ParseError("no heavy atoms in the first model (after dropping H, water, zero occupancy)")
     return Atoms(xyz=np.asarray(coords, dtype=np.float64),
                  channel=np.asarray(chans, dtype=np.int64),
-                 n_models=n_models, block_name=block.name, n_chains=n_chains, block=block)
+                 n_models=n_models, block_name=block.name, n_chains=n_chains, block=block,
+                 entry_id=_entry_id(block))
+
+
+def _entry_id(block) -> str:
+    import gemmi
+
+    value = block.find_value("_entry.id")
+    return "" if value is None or value in ("?", ".") else gemmi.cif.as_string(value).strip().upper()
 
 
 def _first_line(exc: BaseException) -> str:

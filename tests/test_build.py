@@ -204,7 +204,7 @@ def test_existing_store_with_other_params_is_refused(tmp_path, cache_factory):
     out = tmp_path / "c.zarr"
     build_small(out, files=["1aa5.cif.gz"])
     files = [str(DATA / "1aa5.cif.gz")]
-    with pytest.raises(InputError, match="other parameters.*image.*--overwrite"):
+    with pytest.raises(InputError, match="other parameters.*--grid-voxels.*grid_voxels 11 before, 13 now.*--overwrite"):
         build_cache(files, out, small_params(grid=13), workers=1, progress=False)
     again = build_cache(files, out, small_params(), workers=1, progress=False)
     assert again.already_complete
@@ -226,6 +226,6 @@ def test_cli_errors_are_one_line(tmp_path):
     assert conflict.returncode == 2 and "is not a voxel cache; refusing" in conflict.stderr
     assert (tmp_path / "notacache" / "precious.txt").read_text() == "keep me"
     bad = run(str(DATA / "1aa5.cif.gz"), "--out", str(tmp_path / "y.zarr"), "--grid-voxels", "0")
-    assert bad.returncode == 2 and "--grid-voxels must be positive" in bad.stderr
+    assert bad.returncode == 2 and "--grid-voxels: must be a positive integer" in bad.stderr
     for proc in (missing, conflict, bad):
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

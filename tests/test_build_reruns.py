@@ -1,0 +1,78 @@
+"""Issue 12, items 9-12: --origins mistakes, stubs of failed builds, Ctrl-C, info mid-build."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import DATA
+
+BUILD = [sys.executable, "-m", "pipeline.cli", "build-cache"]
+SMALL = ["--grid-voxels", "11", "--max-origins-per-structure", "3", "--workers", "1", "--quiet"]
+
+
+def run(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([*BUILD, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def first_atom(name: str) -> str:
+    from pipeline.parse import parse_atoms, parse_channels
+    x, y, z = parse_atoms(DATA / name, parse_channels("C,N,O,*")).xyz[0]
+    return f"{x},{y},{z}"
+
+
+def test_origins_file_mistakes_and_a_failed_build_does_not_block_the_fix(tmp_path):
+    out = tmp_path / "c.zarr"
+    a, c = DATA / "1aa5.cif.gz", DATA / "1c58.cif.gz"
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text(f"structure_id,x,y,z\n1aa5,{first_atom('1aa5.cif.gz')}\n9zzz,1,2,3\n")
+    proc = run(a, "--out", out, "--origins", unknown, *SMALL)
+    assert proc.returncode == 2 and "1 structure ids match no input file: 9zzz" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+    far = tmp_path / "far.csv"  # every origin of the only input is far from its atoms
+    far.write_text("1aa5,1000,1000,1000\n1aa5,-1000,0,0\n")
+    proc = run(a, "--out", out, "--origins", far, *SMALL)
+    assert proc.returncode == 1, proc.stderr
+    assert "2 of 2 --origins rows would be empty images, e.g. (1000, 1000, 1000)" in proc.stderr
+    assert "no origins in any input" in proc.stderr and (out / "zarr.json").exists()
+
+    # The corrected rerun (other inputs, other origins) replaces the stub without --overwrite.
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text(f"1c58,{first_atom('1c58.cif.gz')}\n1aa5,1000,1000,1000\n")
+    proc = run(a, c, "--out", out, "--origins", fixed, *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("FAILED") == 1 and "1aa5.cif.gz: 1 of 1 --origins rows would be empty" in proc.stderr
+    assert "1 ok, 1 failed" in proc.stdout and "origins:    1" in proc.stdout
+
+    # A finished cache is kept; the refusal says what differs in the user's terms.
+    proc = run(a, c, DATA / "171l.cif.gz", "--out", out, "--origins", fixed, *SMALL)
+    assert proc.returncode == 2 and "the input file list differs: 2 inputs before, 3 now" in proc.stderr
+    assert "inputs_sha256" not in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_sigint_to_the_process_group_is_one_line_and_info_shows_failures_so_far(tmp_path):
+    bad = tmp_path / "broken.cif"
+    bad.write_text("data_x\n_cell_length_a 1\n")
+    out = tmp_path / "c.zarr"
+    # A background job: its own process group, no terminal; SIGINT goes to every process in it.
+    proc = subprocess.Popen([*BUILD, bad, DATA / "3v4i.cif.gz", DATA / "1gzx.cif.gz", "--out", out,
+                             "--max-origins-per-structure", "0", "--workers", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "voxels" / "zarr.json").exists():  # scan finished, shards being written
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - sent < 30
+    assert stderr.strip() == "pipeline build-cache: interrupted; rerun the same command to resume", stderr
+
+    info = subprocess.run([sys.executable, "-m", "cache_tools.cli", "info", str(out)],
+                          capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert "INCOMPLETE" in info.stdout and "2 ok, 1 failed (of 3 inputs)" in info.stdout, info.stdout
+    assert f"failed:     {bad}: small-molecule CIF" in info.stdout

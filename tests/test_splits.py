@@ -1,0 +1,84 @@
+"""Issue 12, items 13 and 15: empty splits refused; duplicates skipped; one entry, one split."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from cache_tools import format as fmt
+from cache_tools.split import assign_splits
+
+from conftest import DATA
+
+TOOLS = [sys.executable, "-m", "cache_tools.cli"]
+
+
+def test_identical_inputs_skipped_and_one_entry_stays_in_one_split(tmp_path):
+    copy = tmp_path / "in" / "copy_of_1aa5.cif.gz"
+    copy.parent.mkdir()
+    shutil.copy(DATA / "1aa5.cif.gz", copy)
+    out = tmp_path / "c.zarr"
+    files = [DATA / f for f in ("1aa5.cif.gz", "1qjg.cif.gz", "1qjg_clean.cif", "171l.cif.gz", "1c58.cif.gz",
+                                "3fy3.cif.gz")]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "build-cache", *map(str, files), str(copy),
+                           "--out", str(out), "--grid-voxels", "9", "--max-origins-per-structure", "2",
+                           "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 ok, 0 failed, 1 duplicates skipped" in proc.stdout
+    assert proc.stderr.count("SKIPPED") == 1 and "same content as" in proc.stderr
+    blob, offsets = fmt.read_ragged_strings(out, fmt.STRUCTURE_ID)
+    ids = [fmt.ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
+    assert len(ids) == 6 and ("1aa5" in ids) != ("copy_of_1aa5" in ids)
+    entries = dict(zip(ids, fmt.entry_ids(out)))  # recorded from _entry.id ('1qjg' in the clean file)
+    assert entries["1qjg"] == entries["1qjg_clean"] == "1QJG" and entries["171l"] == "171L"
+    info = subprocess.run([*TOOLS, "info", str(out)], capture_output=True, text=True)
+    assert "skipped:" in info.stdout and "same content as" in info.stdout
+    k1, k2 = ids.index("1qjg"), ids.index("1qjg_clean")
+    val_sizes = set()
+    for seed in range(8):
+        counts = assign_splits(out, val=0.5, seed=seed)
+        codes = fmt.read_array(out, fmt.STRUCTURE_SPLIT)
+        assert codes[k1] == codes[k2], seed
+        val_sizes.add(counts["val"])
+    assert val_sizes <= {2, 3, 4}  # 5 entries: groups of 1 or 2 structures fill half of 6 structures
+    listed = tmp_path / "val.txt"
+    listed.write_text("1qjg_clean\n")  # a listed structure takes its entry along
+    assign_splits(out, from_files={"val": ["1qjg_clean"]})
+    assert fmt.read_array(out, fmt.STRUCTURE_SPLIT)[k1] == 1
+
+    # Caches built before the entry id was recorded fall back to the file name before "_".
+    old = tmp_path / "old.zarr"
+    shutil.copytree(out, old)
+    for part in ("_utf8", "_offsets"):
+        shutil.rmtree(old / (fmt.STRUCTURE_ENTRY_ID + part))
+    assert fmt.entry_ids(old) == [sid.split("_")[0].upper() for sid in ids]
+    proc = subprocess.run([*TOOLS, "split", str(old), "--val", "0.5", "--seed", "3"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "kept together: 1 entries" in proc.stdout, proc.stderr
+    codes = fmt.read_array(old, fmt.STRUCTURE_SPLIT)
+    assert codes[k1] == codes[k2]
+
+
+def test_empty_splits_are_refused_and_the_summary_counts_origins(cache_factory, tmp_path):
+    root = tmp_path / "c.zarr"
+    shutil.copytree(cache_factory(), root)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    commands = [[*TOOLS, "split", str(root), "--val", "0.01"],
+                [*TOOLS, "split", str(root), "--from-file", f"val={empty}"]]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    (_, small), (_, none) = (p.communicate(timeout=60) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "--val 0.01 gives split 'val' no structures" in small
+    assert f"{empty} lists no ids" in none
+    assert not (root / fmt.STRUCTURE_SPLIT).exists()
+    proc = subprocess.run([*TOOLS, "split", str(root), "--val", "0.3", "--balance", "origins"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
+    per = ranges[:, 1] - ranges[:, 0]
+    n_val = int(per[codes == 1].sum())
+    assert f"val: {int((codes == 1).sum())} structures, {n_val} origins" in proc.stdout
+    assert abs(n_val - 0.3 * per.sum()) <= per.max() / 2 + 1e-9  # within half a structure of 30% of origins
