@@ -64,7 +64,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     reproducible functions of (seed, epoch, index); call :meth:`set_epoch` each
     epoch (it reaches persistent workers through a shared-memory counter).
     ``transform`` is applied to the image tensor. ``verify=True`` checks each
-    origin's crc32 as it is read.
+    origin's crc32 as it is read. ``structures`` (global structure rows, e.g. from
+    :func:`cache_tools.split.compute_splits`) restricts the dataset to them, within
+    ``split`` if given: a split held in memory, the cache untouched (the array is
+    pickled with the dataset, 8 bytes a structure).
 
     Batches: ``DataLoader(ds, batch_size=B, collate_fn=batch_collate)`` reads each
     batch with :meth:`__getitems__` into one buffer and hands it over without a
@@ -80,7 +83,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __init__(self, cache: str | os.PathLike, split: str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -90,6 +93,14 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.channels: list[list[str]] = attrs["params"]["channels"]
         self.split = split
         self.split_code: int | None = None
+        self.structures = None  # global structure rows to keep (an in-memory selection), or all
+        if structures is not None:
+            rows = np.unique(np.asarray(structures, dtype=np.int64))
+            n_rows = len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
+            if len(rows) and not (0 <= rows[0] and rows[-1] < n_rows):
+                raise IndexError(f"structures: row {rows[0] if rows[0] < 0 else rows[-1]} out of range "
+                                 f"for {n_rows} structures in {self.root}")
+            self.structures = rows
         if split is not None:
             names = attrs.get("splits") or []
             if split not in names:
@@ -152,10 +163,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         this one array; another filter (e.g. a named subset) intersects it here.
         """
         n = len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
-        if self.split_code is None:
-            return np.arange(n, dtype=np.int64)
-        codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
-        return np.flatnonzero(codes == self.split_code).astype(np.int64)
+        rows = np.arange(n, dtype=np.int64) if self.structures is None else self.structures
+        if self.split_code is not None:
+            codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
+            rows = rows[codes[rows] == self.split_code]
+        return rows
 
     def _structure_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(selected rows, first origin id of each, cumulative origin counts with a leading 0)."""

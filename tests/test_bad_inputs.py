@@ -398,7 +398,7 @@ def good_run(tmp_path_factory):
     out.parent.mkdir()
     before = snapshot(base, out)
     summary = build_cache([str(base / "in"), f"@{base / 'lists' / 'deep' / 'inputs.txt'}"], out,
-                          small_params(max_origins=4), workers=1, progress=False)
+                          small_params(max_origins=4, keep_duplicates=True), workers=1, progress=False)
     after = snapshot(base, out)
     return {"base": base, "files": files, "out": out, "summary": summary, "before": before, "after": after}
 

@@ -117,7 +117,8 @@ def kill_inputs(tmp_path_factory):
         for name in SMALL_FILES:
             (src / f"c{copy}_{name}").write_bytes((DATA / name).read_bytes())
     args = [sys.executable, "-m", "pipeline.cli", "build-cache", str(src), "--grid-voxels", "15",
-            "--max-origins-per-structure", "8", "--origins-per-shard", "2", "--workers", "1", "--quiet"]
+            "--max-origins-per-structure", "8", "--origins-per-shard", "2", "--workers", "1", "--quiet",
+            "--keep-duplicates"]
     reference = tmp_path_factory.mktemp("kill-ref") / "ref.zarr"
     subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
     return args, store_files(reference)

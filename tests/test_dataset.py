@@ -73,7 +73,7 @@ def test_pickle_small_for_large_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("big") / "big.zarr"
     from pipeline.build import build_cache
     from conftest import small_params
-    params = small_params(dtype="uint8", grid=2, max_origins=0)
+    params = small_params(dtype="uint8", grid=2, max_origins=0, keep_duplicates=True)  # 3 copies, 3 structures
     params = type(params)(**{**params.__dict__, "rule": type(params.rule)(min_neighbors=0, min_spacing_A=0.0,
                                                                            max_per_structure=0)})
     build_cache([str(src)], root, params, workers=2, progress=False)

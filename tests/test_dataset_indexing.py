@@ -118,3 +118,16 @@ def test_cube_rotation_reported_and_matrix_maps_atoms(cache_factory):
                                    rotation=ds.rotation_matrix(sample).numpy().astype(np.float64))
         assert expected.sum() > 10
         assert np.allclose(sample["image"].numpy(), expected, atol=1e-4)
+
+
+def test_in_memory_structure_selection(split_cache):
+    full = VoxelCacheDataset(split_cache)
+    picked = VoxelCacheDataset(split_cache, structures=np.array([3, 1, 3]))
+    assert picked.n_structures == 2 and [picked.structure_row(k) for k in range(2)] == [1, 3]
+    assert len(picked) == len(full.origins_of_structure(1)) + len(full.origins_of_structure(3))
+    assert picked[0]["origin_id"] == full.origins_of_structure(1).start
+    codes = zarr.open_group(str(split_cache), mode="r")["structures/split"][:]
+    both = VoxelCacheDataset(split_cache, split="val", structures=range(5))
+    assert [both.structure_row(k) for k in range(both.n_structures)] == np.flatnonzero(codes == 1).tolist()
+    with pytest.raises(IndexError, match="structures: row 9 out of range for 5 structures"):
+        VoxelCacheDataset(split_cache, structures=[0, 9])

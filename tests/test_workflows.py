@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import store_files
+
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
@@ -26,12 +28,15 @@ def test_slurm_dry_run_prints_job_script(tmp_path, data_dir):
 def test_train_example_runs_and_plots(tmp_path, cache_factory):
     cache = tmp_path / "c.zarr"
     shutil.copytree(cache_factory(), cache)
+    before = store_files(cache)
     out = tmp_path / "profile"
     proc = subprocess.run([sys.executable, str(WORKFLOWS / "train_example.py"), "--cache", str(cache),
                            "--steps", "8", "--val-every", "4", "--batch-size", "8", "--workers", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("val accuracy") == 2
+    assert store_files(cache) == before  # split in memory: the user's cache is not written
+    assert "split in memory, balanced by origins; the cache is not changed" in proc.stderr
     assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     marks = (out / "marks.csv").read_text()
     assert "validation" in marks and "epoch 0" in marks

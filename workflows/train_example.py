@@ -11,6 +11,10 @@ PSS vs Σ RSS and each worker's private memory.
     pipeline build-cache tests/data/mmcif --out sample.zarr
     python workflows/train_example.py --cache sample.zarr            # ~2-4 min on 2 CPU cores
 
+The train/val split is computed in memory (``--val``, ``--balance origins|structures``,
+whole structures and entries either way); the cache is never written. ``--cache-split``
+uses the splits stored by ``cache-tools split`` instead.
+
 Plain torch, no Lightning: the recipe needs nothing Lightning adds, and the
 profiler's ``MemoryMarkCallback`` gives Lightning users the same marks.
 """
@@ -21,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -48,11 +53,21 @@ def centre_task(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, labels
 
 
-def ensure_splits(cache: str) -> None:
-    if not fmt.read_attrs(cache).get("splits"):
-        from cache_tools.split import assign_splits
-        counts = assign_splits(cache, val=0.2, seed=0)
-        print(f"no splits in {cache}; assigned by structure: {counts}", file=sys.stderr)
+def in_memory_split(cache: str, val: float, balance: str) -> tuple[VoxelCacheDataset, VoxelCacheDataset]:
+    """Train and val datasets from a split computed here and kept in memory: the example
+    never writes into the cache (``--cache-split`` uses one stored by `cache-tools split`)."""
+    from cache_tools.split import compute_splits
+
+    names, codes = compute_splits(cache, val=val, seed=0, balance=balance)
+    ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
+    per = ranges[:, 1] - ranges[:, 0]
+    parts = []
+    for name in ("train", "val"):
+        rows = np.flatnonzero(codes == names.index(name))
+        parts.append(VoxelCacheDataset(cache, structures=rows, rotate=name == "train"))
+        print(f"{name}: {len(rows)} structures, {int(per[rows].sum())} of {int(per.sum())} origins "
+              f"(split in memory, balanced by {balance}; the cache is not changed)", file=sys.stderr)
+    return parts[0], parts[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,14 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=8, help="per loader (default: %(default)s)")
     p.add_argument("--out", default="train-example-profile", help="memory profile output directory")
+    p.add_argument("--val", type=float, default=0.2, help="fraction held out for validation (default: %(default)s)")
+    p.add_argument("--balance", choices=("origins", "structures"), default="origins",
+                   help="what --val counts, whole structures either way (default: %(default)s)")
+    p.add_argument("--cache-split", action="store_true",
+                   help="use the 'train' and 'val' splits stored in the cache (`cache-tools split`) "
+                        "instead of splitting in memory")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # leave the cores to the loader workers on small machines
     try:
-        ensure_splits(args.cache)
-        train = VoxelCacheDataset(args.cache, split="train", rotate=True)
-        val = VoxelCacheDataset(args.cache, split="val")
-    except CacheError as exc:
+        if args.cache_split:
+            train = VoxelCacheDataset(args.cache, split="train", rotate=True)
+            val = VoxelCacheDataset(args.cache, split="val")
+        else:
+            train, val = in_memory_split(args.cache, args.val, args.balance)
+    except (CacheError, ValueError) as exc:
         print(f"train_example: {exc}", file=sys.stderr)
         return 2
     sampler = BlockShuffleSampler(train, block_size=4)
