@@ -495,9 +495,9 @@ def _series(run_dir: Path, pids: dict[str, set[int]], max_points: int = 600) -> 
         rs = rows[t]
         out["t_s"].append(t)
         for k in ("pss_anon", "pss_file", "rss"):
-            out[k].append(_mib(sum(int(r[k]) for r in rs)))
+            out[k].append(_mib(sum(int(r.get(f"{k}_bytes", r.get(k))) for r in rs)))
         for phase in ("train", "val"):
-            uss = [int(r["uss"]) for r in rs if int(r["pid"]) in pids.get(phase, ())]
+            uss = [int(r.get("uss_bytes", r.get("uss"))) for r in rs if int(r["pid"]) in pids.get(phase, ())]
             out[f"{phase}_worker_uss"].append(_mib(sum(uss) / len(uss)) if uss else None)
     return out
 

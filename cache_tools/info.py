@@ -96,6 +96,20 @@ def failures_so_far(root: Path) -> list[dict]:
     return failures
 
 
+def storage_error(info: dict) -> str:
+    """'max abs error 0.000392 up to 0.2; 447 voxels saturated (clipped to 0.2)', rounded."""
+    storage, error = info["storage"], info["storage"]["max_abs_error"]
+    if not isinstance(error, (int, float)):
+        return f"error {error}"
+    text = f"max abs error {error:.3g}"
+    if storage["dtype"] == "uint8":
+        text += f" up to {storage.get('uint8_max'):g}"
+        saturated = (info.get("build") or {}).get("saturated_voxels", 0)
+        text += (f"; {saturated:,} voxels saturated (clipped to {storage.get('uint8_max'):g}, larger error)"
+                 if saturated else "; no voxel saturated")
+    return text
+
+
 def format_info(info: dict) -> str:
     lines = [f"{info['path']}: {'complete' if info['complete'] else 'INCOMPLETE (build not finished)'}"]
     grid = info["grid"]
@@ -103,8 +117,7 @@ def format_info(info: dict) -> str:
                  f"atom radius {info['atom_radius_A']} Å")
     lines.append(f"  channels:   {', '.join('|'.join(c) for c in info['channels'])}")
     storage = info["storage"]
-    lines.append(f"  storage:    {storage['dtype']} (scale {storage['scale']:.6g}, "
-                 f"max abs error {storage['max_abs_error']})")
+    lines.append(f"  storage:    {storage['dtype']} (scale {storage['scale']:.6g}, {storage_error(info)})")
     vox = info["voxelizer"]
     lines.append(f"  voxelizer:  {vox['name']} {vox['version']} ({vox['fill_algorithm']}, {vox['agg_algorithm']})")
     rule = info["origins_rule"]

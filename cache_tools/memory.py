@@ -24,7 +24,8 @@ OOM kill of the profiled job) into ``out_dir``:
 
 ``memory.csv`` -- one row per process per sample::
 
-    t_s,pid,ppid,role,name,rss,pss,pss_anon,pss_file,pss_shmem,uss,uss_anon,shared,swap
+    t_s,pid,ppid,role,name,rss_bytes,pss_bytes,pss_anon_bytes,pss_file_bytes,pss_shmem_bytes,
+    uss_bytes,uss_anon_bytes,shared_bytes,swap_bytes
 
     t_s        seconds since the profiler started (3 decimals); rows of one sample share it
     pid, ppid  process id and parent process id
@@ -41,7 +42,7 @@ OOM kill of the profiled job) into ``out_dir``:
     shared     Shared_Clean + Shared_Dirty: resident pages also mapped by another process
     swap       Swap: swapped-out anonymous pages of the process
 
-All memory columns are integer bytes.
+All memory columns are integer bytes (hence ``_bytes`` in their names).
 
 ``marks.csv`` -- ``t_s,label``: user marks from :meth:`MemoryProfiler.mark` and the
 process events ``start:<pid>:<role>`` / ``end:<pid>:<role>`` (at sample resolution).
@@ -74,8 +75,9 @@ __all__ = [
     "render_profile", "run_in_memory_cap", "format_cap_report",
 ]
 
-CSV_COLUMNS = ("t_s", "pid", "ppid", "role", "name", "rss", "pss", "pss_anon", "pss_file",
-               "pss_shmem", "uss", "uss_anon", "shared", "swap")
+CSV_COLUMNS = ("t_s", "pid", "ppid", "role", "name", "rss_bytes", "pss_bytes", "pss_anon_bytes",
+               "pss_file_bytes", "pss_shmem_bytes", "uss_bytes", "uss_anon_bytes", "shared_bytes", "swap_bytes")
+_UNITLESS_CSV_COLUMNS = tuple(c.removesuffix("_bytes") for c in CSV_COLUMNS)  # memory.csv before the units
 MARKS_COLUMNS = ("t_s", "label")
 SMAPS_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean", "Shared_Dirty",
               "Private_Clean", "Private_Dirty", "Swap", "SwapPss", "Anonymous")
@@ -556,8 +558,8 @@ class MemoryProfiler:
             json.dump(summary, f, indent=1)
         plot_memory(self._timeline, self.png_path, memory_cap=self.memory_cap,
                     title=f"memory of pid {self.root_pid} and descendants")
-        if self.print_summary:
-            print(format_summary(summary), file=sys.stderr)
+        if self.print_summary:  # the report is the result: stdout, like the CLI's
+            print(format_summary(summary))
         return summary
 
     def __enter__(self) -> "MemoryProfiler":
@@ -664,7 +666,7 @@ def _read_samples(csv_path: str | os.PathLike) -> Iterable[Sample]:
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if tuple(header or ()) != CSV_COLUMNS:
+        if tuple(header or ()) not in (CSV_COLUMNS, _UNITLESS_CSV_COLUMNS):
             raise ValueError(f"{csv_path}: not a cache-tools memory.csv (header {header})")
         for r in reader:
             yield Sample(float(r[0]), int(r[1]), int(r[2]), r[3], r[4], *map(int, r[5:]))
@@ -752,9 +754,17 @@ def _time_unit(duration_s: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
+SHARED_WITH_WORKERS_NOTE = (
+    "While forked workers live, pages main shares with them are not private to anyone, so main's\n"
+    "private anon drops (to ~0) and returns when they exit: copy-on-write sharing, not memory freed.")
+
+
 def plot_memory(timeline: _Timeline, png_path: str | os.PathLike, memory_cap: int | None = None,
-                title: str = "memory profile") -> None:
-    """Two panels: Σ PSS stacked by anon/file/shmem with Σ RSS dashed; USS per process."""
+                title: str = "memory profile"):
+    """Two panels: Σ PSS stacked by anon/file/shmem with Σ RSS dashed; USS per process.
+
+    Returns the matplotlib Figure (after saving it), e.g. to check what it says.
+    """
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in the
     # user's process (which may be a notebook using another backend).
     import numpy as np
@@ -831,8 +841,14 @@ def plot_memory(timeline: _Timeline, png_path: str | os.PathLike, memory_cap: in
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.text(0.99, 0.005, "ticks at the bottom: process start (green) / end (red)", ha="right",
              va="bottom", fontsize=7, color="#666666")
+    roles = {tr.role for tr in tracks}
+    if "main" in roles and "worker" in roles:  # the drop of main's private memory needs saying
+        ax_bot.text(0.01, 0.97, SHARED_WITH_WORKERS_NOTE, transform=ax_bot.transAxes, va="top",
+                    ha="left", fontsize=7.5, color="#333333",
+                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+    return fig
 
 
 def _merge_close_marks(marks: list[tuple[float, str]], scale: float, x_end: float) -> list[tuple[float, str]]:

@@ -6,8 +6,8 @@
 With a COMMAND: run it (stdio inherited), sample it and all its descendants until
 it exits, then exit with its exit code.  With --pid: attach to a running process,
 follow its children as they come and go, stop when it exits or on Ctrl-C.
-Writes DIR/memory.csv, marks.csv, memory.png, summary.json; prints the summary to
-stderr.  --memory-cap runs the command in a cgroup with that hard limit, to
+Writes DIR/memory.csv (memory columns in bytes), marks.csv, memory.png,
+summary.json; prints the summary to stdout (after the command's own output).  --memory-cap runs the command in a cgroup with that hard limit, to
 rehearse a SLURM ``--mem`` before queueing the job.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _report(summary: dict[str, Any], cap_report: dict[str, Any] | None, returnco
         text += f"\n  the command was killed by signal {-returncode} ({name})"
         if cap_report and cap_report.get("oom_kills"):
             text += ": OOM kill under the memory cap"
-    print(text, file=sys.stderr, flush=True)
+    print(text, flush=True)  # the report is the command's result: stdout (errors go to stderr)
 
 
 def _run_command(command: list[str], interval: float, cap_bytes: int | None, out: Path) -> int:

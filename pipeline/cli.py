@@ -20,7 +20,7 @@ from cache_tools.options import (OneLineParser, non_negative_float, non_negative
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="mmCIF files (.cif, .cif.gz, .mmcif), directories searched recursively, "
+                   help="mmCIF files (.cif, .cif.gz, .mmcif, .mmcif.gz), directories searched recursively, "
                         "or @list.txt with one path per line")
     p.add_argument("--out", required=True, metavar="CACHE", help="the zarr v3 store to write (a directory)")
     g = p.add_argument_group("image")
@@ -65,7 +65,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="use an existing dask cluster, e.g. tcp://host:8786 (or set DASK_SCHEDULER_ADDRESS); "
                         "--out must be on a filesystem every worker sees")
     g.add_argument("--origins-per-shard", type=non_negative_int, default=0,
-                   help="origins per shard file (default: automatic, ~256 MiB shards)")
+                   help="origins per shard file (default: automatic: ~256 MiB shards, but at least 64 "
+                        "shards, so a small cache has small shards written in parallel)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing cache built with other parameters or inputs "
                         "(one built with the same ones is resumed, not rebuilt)")

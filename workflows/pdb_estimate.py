@@ -16,6 +16,7 @@ size distribution (many large cryo-EM assemblies) moves the mean, and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,8 @@ def measure(cache: str, sample_origins: int = 200) -> dict:
     return {"structures": len(ranges), "origins": int(ranges[-1, 1]),
             "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
             "parse_s_per_structure": float(np.mean(parse_s)), "voxelize_s_per_origin": voxelize_s,
-            "values_per_origin": per_origin_values, "rotations": params["rotations"]}
+            "values_per_origin": per_origin_values, "rotations": params["rotations"],
+            "load_average": os.getloadavg()[0]}
 
 
 def main(argv=None) -> int:
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     print(f"\nPDB scale ({args.entries:,} entries, default parameters):")
     print(f"  origins:            {n / 1e6:.1f} M")
     print(f"  build:              {core_h:,.0f} core-hours (e.g. {core_h / 640:.1f} h on 20 nodes x 32 cores)")
+    print(f"                      measured at load average {m['load_average']:.1f} on {os.cpu_count()} cores: "
+          "timings grow with machine load, so measure on an idle machine")
     print("  | dtype   | bytes/origin | on disk = page cache to hold it all |")
     print("  |---------|-------------:|------------------------------------:|")
     for dtype, size in (("float32", 4), ("float16", 2), ("uint8", 1)):
