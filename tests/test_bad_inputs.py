@@ -488,7 +488,7 @@ STORE_NAMES = {"zarr.json", "c"} | {part for name in (
     fmt.STRUCTURE_ID + "_utf8", fmt.STRUCTURE_ID + "_offsets",
     fmt.STRUCTURE_SOURCE_PATH + "_utf8", fmt.STRUCTURE_SOURCE_PATH + "_offsets",
     fmt.STRUCTURE_SHA256, fmt.STRUCTURE_ATOM_COUNT, fmt.STRUCTURE_ORIGIN_RANGE, fmt.STRUCTURE_SPLIT,
-    *fmt.STRUCTURE_META_ARRAYS,
+    *fmt.STRUCTURE_META_ARRAYS, fmt.STRUCTURE_ENTRY_ID + "_utf8", fmt.STRUCTURE_ENTRY_ID + "_offsets",
 ) for part in name.split("/")}
 
 
