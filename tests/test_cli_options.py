@@ -69,3 +69,11 @@ def test_check_and_split_options_refused(cache_factory, tmp_path):
     assert_usage_error(procs[4], "--val", "fraction")
     for proc in procs:
         assert proc.stderr.startswith(("cache-tools check: ", "cache-tools split: ")), proc.stderr
+
+
+def test_channels_that_match_no_atom_give_the_true_reason():
+    from pipeline.parse import ParseError, parse_atoms, parse_channels
+
+    with pytest.raises(ParseError, match=r"no atom matches a channel: the first model's heavy atoms are "
+                                         r"C, CL, N, O, none of them in --channels ZN\|FE"):
+        parse_atoms(DATA / "1aa5.cif.gz", parse_channels("Zn|Fe"))
