@@ -47,6 +47,7 @@ def cache_info(root: str | Path) -> dict:
         "build": attrs.get("build", {}),
         "failures": attrs.get("failures", []) if attrs.get("complete") else failures_so_far(root),
         "duplicates": attrs.get("duplicates", []),
+        "empty": attrs.get("empty", []),
         "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
     if not info["complete"]:
@@ -152,6 +153,8 @@ def format_info(info: dict) -> str:
         lines.append(f"  failed:     {failure['path']}: {failure['reason']}")
     if len(info["failures"]) > 20:
         lines.append(f"  ... and {len(info['failures']) - 20} more failures (--json lists all)")
+    for note in info["empty"][:20]:
+        lines.append(f"  empty:      {note['path']}: {note['reason']}")
     for dup in info["duplicates"][:20]:
         lines.append(f"  skipped:    {dup['path']}: same content as {dup['same_as']}")
     if len(info["duplicates"]) > 20:

@@ -102,6 +102,7 @@ class BuildSummary:
     already_complete: bool = False
     saturated_voxels: int = 0
     duplicates: list[dict] = field(default_factory=list)
+    empty: list[dict] = field(default_factory=list)  # --origins rows with no atom in their image
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
 
     ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
     ``box_half_A``: an atom touches an image only within this distance of its centre
-    along every axis; a listed origin with no atom that close would be an empty image.
+    along every axis; listed origins with no atom that close (empty images) are counted.
     """
     out = []
     for index, source, sid in items:
@@ -188,7 +189,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             reason = str(exc)
         except OSError as exc:
             reason = f"cannot read: {exc.strerror or exc}"
-        n = -1
+        n, empty = -1, ""
         if reason is None:
             try:
                 atoms = parse_atoms(source, channels)
@@ -196,7 +197,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                     centers = listed.get(sid, np.zeros((0, 3)))
                     if len(centers) == 0:
                         raise ParseError(f"no origins for id '{sid}' in the --origins file")
-                    empty_origin_check(atoms.xyz, centers, box_half_A)
+                    empty = empty_origins(atoms.xyz, centers, box_half_A)
                 else:
                     centers = pick_origins(atoms.xyz, rule, sha)
                     if len(centers) == 0:
@@ -220,7 +221,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                 centers = centers[tile_order(centers, snap)]
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
-                              entry_id=np.array(atoms.entry_id),
+                              entry_id=np.array(atoms.entry_id), empty_origins=np.array(empty),
                               **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
         else:
             write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
@@ -229,19 +230,19 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
     return out
 
 
-def empty_origin_check(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> None:
-    """Raise ParseError naming the first listed origin whose image would hold no atom."""
+def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> str:
+    """'' or a one-line note on the listed origins whose images hold no atom (kept, reported)."""
     from scipy.spatial import cKDTree
 
     if not np.isfinite(box_half_A) or len(xyz) == 0:
-        return
+        return ""
     distance, _ = cKDTree(xyz).query(centers, p=np.inf)  # per-axis (Chebyshev) distance
     far = np.flatnonzero(distance >= box_half_A)
-    if len(far):
-        c = centers[far[0]]
-        raise ParseError(f"{len(far)} of {len(centers)} --origins rows would be empty images, e.g. "
-                         f"({c[0]:g}, {c[1]:g}, {c[2]:g}): no atom within the image "
-                         f"(nearest is {distance[far[0]]:.1f} Å away along an axis)")
+    if not len(far):
+        return ""
+    c = centers[far[0]]
+    return (f"{len(far)} of {len(centers)} --origins rows are empty images, e.g. ({c[0]:g}, {c[1]:g}, {c[2]:g}): "
+            f"no atom within the image (nearest is {distance[far[0]]:.1f} Å away along an axis)")
 
 
 def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
@@ -343,7 +344,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
     saturated = sum(sat for _, sat in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
-        root, complete=True, failures=table["failures"], duplicates=table["duplicates"],
+        root, complete=True, failures=table["failures"], duplicates=table["duplicates"], empty=table["empty"],
         metadata_crc32=fmt.metadata_checksums(root),
         build={**(attrs.get("build") or {}),
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -421,7 +422,7 @@ def describe_changes(before: dict, now: dict) -> str:
 
 
 def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicates: bool = False) -> dict:
-    ok_index, centers, n_atoms, shas, failures, meta, entries, duplicates = [], [], [], [], [], [], [], []
+    ok_index, centers, n_atoms, shas, failures, meta, entries, duplicates, empty = [], [], [], [], [], [], [], [], []
     first_with: dict[str, int] = {}  # content sha256 -> first input with it
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
@@ -433,6 +434,8 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
             duplicates.append({"path": str(src), "id": ids[i], "same_as": ids[first_with[sha]]})
             continue
         first_with.setdefault(sha, i)
+        if str(res.get("empty_origins", "")):
+            empty.append({"path": str(src), "id": ids[i], "reason": str(res["empty_origins"])})
         entries.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
                        else fmt.entry_id_from_name(ids[i]))
         ok_index.append(i)
@@ -445,6 +448,7 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
     return {"file_index": ok_index, "centers": centers, "n_atoms": n_atoms, "sha256": shas,
             "ranges": np.stack([stops - counts, stops], axis=1) if len(counts) else np.zeros((0, 2), np.int64),
             "n_origins": int(counts.sum()), "failures": failures, "meta": meta, "duplicates": duplicates,
+            "empty": empty,
             "entry_ids": entries,
             "ids": [ids[i] for i in ok_index], "paths": [str(sources[i]) for i in ok_index]}
 
@@ -629,6 +633,7 @@ def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -
     summary.elapsed_s = time.time() - started
     summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
     summary.duplicates = attrs.get("duplicates", [])
+    summary.empty = attrs.get("empty", [])
     return summary
 
 

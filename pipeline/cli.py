@@ -169,6 +169,8 @@ def run_build(args: argparse.Namespace) -> int:
         return 130
     for failure in summary.failures:
         print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
+    for note in summary.empty:
+        print(f"EMPTY {note['path']}: {note['reason']}", file=sys.stderr)
     for dup in summary.duplicates:
         print(f"SKIPPED {dup['path']}: same content as {dup['same_as']} (--keep-duplicates keeps it)",
               file=sys.stderr)

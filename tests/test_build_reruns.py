@@ -32,20 +32,22 @@ def test_origins_file_mistakes_and_a_failed_build_does_not_block_the_fix(tmp_pat
     assert proc.returncode == 2 and "1 structure ids match no input file: 9zzz" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
-    far = tmp_path / "far.csv"  # every origin of the only input is far from its atoms
-    far.write_text("1aa5,1000,1000,1000\n1aa5,-1000,0,0\n")
-    proc = run(a, "--out", out, "--origins", far, *SMALL)
-    assert proc.returncode == 1, proc.stderr
-    assert "2 of 2 --origins rows would be empty images, e.g. (1000, 1000, 1000)" in proc.stderr
-    assert "no origins in any input" in proc.stderr and (out / "zarr.json").exists()
-
-    # The corrected rerun (other inputs, other origins) replaces the stub without --overwrite.
-    fixed = tmp_path / "fixed.csv"
-    fixed.write_text(f"1c58,{first_atom('1c58.cif.gz')}\n1aa5,1000,1000,1000\n")
+    # A failed build (its only input is not mmCIF) leaves a stub; the corrected rerun (other
+    # inputs, other origins) replaces it without --overwrite.
+    pdb = tmp_path / "1aa5.pdb"
+    import gemmi
+    pdb.write_text(gemmi.read_structure(str(a)).make_pdb_string())
+    proc = run(pdb, "--out", out, *SMALL)
+    assert proc.returncode == 1 and "no origins in any input" in proc.stderr, proc.stderr
+    assert (out / "zarr.json").exists()
+    fixed = tmp_path / "fixed.csv"  # 1aa5's origins: one on an atom, one far from every atom
+    fixed.write_text(f"1c58,{first_atom('1c58.cif.gz')}\n1aa5,{first_atom('1aa5.cif.gz')}\n1aa5,1000,1000,1000\n")
     proc = run(a, c, "--out", out, "--origins", fixed, *SMALL)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("FAILED") == 1 and "1aa5.cif.gz: 1 of 1 --origins rows would be empty" in proc.stderr
-    assert "1 ok, 1 failed" in proc.stdout and "origins:    1" in proc.stdout
+    assert "1aa5.cif.gz: 1 of 2 --origins rows are empty images, e.g. (1000, 1000, 1000)" in proc.stderr
+    assert proc.stderr.startswith("EMPTY ") and "2 ok, 0 failed" in proc.stdout and "origins:    3" in proc.stdout
+    info = subprocess.run([sys.executable, "-m", "cache_tools.cli", "info", str(out)], capture_output=True, text=True)
+    assert "empty:" in info.stdout and "1 of 2 --origins rows are empty images" in info.stdout
 
     # A finished cache is kept; the refusal says what differs in the user's terms.
     proc = run(a, c, DATA / "171l.cif.gz", "--out", out, "--origins", fixed, *SMALL)

@@ -77,7 +77,11 @@ def test_pickle_small_for_large_cache(tmp_path_factory):
     params = type(params)(**{**params.__dict__, "rule": type(params.rule)(min_neighbors=0, min_spacing_A=0.0,
                                                                            max_per_structure=0)})
     build_cache([str(src)], root, params, workers=2, progress=False)
-    assign_splits(root, val=0.34, seed=1)
+    # The three copies are one entry, so `split` would keep them together: assign by hand.
+    fmt.write_array(root, fmt.STRUCTURE_SPLIT, np.array([0, 1, 0], dtype=np.uint8))
+    fmt.update_attrs(root, splits=["train", "val", "test"],
+                     metadata_crc32={**fmt.read_attrs(root)["metadata_crc32"],
+                                     fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)})
     ds = VoxelCacheDataset(root)
     assert len(ds) >= 50_000
     for i in range(0, len(ds), 997):
