@@ -34,6 +34,7 @@ from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
+from pipeline.lock import BuildLock, LockedError
 from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
@@ -103,6 +104,7 @@ class BuildSummary:
     saturated_voxels: int = 0
     duplicates: list[dict] = field(default_factory=list)
     empty: list[dict] = field(default_factory=list)  # --origins rows with no atom in their image
+    peak_worker_rss_bytes: dict | None = None  # {"scan"|"voxelize": a worker's largest peak RSS in a task}
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -172,13 +174,15 @@ def structure_ids(sources: list[Path]) -> list[str]:
 
 def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
               rule: OriginRule, listed: dict[str, np.ndarray] | None,
-              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> list[tuple[int, int]]:
-    """Parse files and pick their origins; returns (file index, origins or -1 on failure).
+              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> tuple[list[tuple[int, int]], int]:
+    """Parse files and pick their origins; returns ([(file index, origins or -1 on failure)],
+    the worker's peak RSS during the task).
 
     ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
     ``box_half_A``: an atom touches an image only within this distance of its centre
     along every axis; listed origins with no atom that close (empty images) are counted.
     """
+    reset_peak_rss()
     out = []
     for index, source, sid in items:
         sha, reason = "", None
@@ -227,7 +231,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
                               source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
         out.append((index, n))
-    return out
+    return out, peak_rss_bytes()
 
 
 def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> str:
@@ -253,6 +257,7 @@ def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: 
     ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
     ``expected_crc32`` (a repair): refuse to publish bytes that differ from the build's.
     """
+    reset_peak_rss()
     layout = fmt.VoxelLayout(root)
     centers = fmt.read_array(root, fmt.CENTER)
     mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
@@ -270,7 +275,30 @@ def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: 
                 yield stored
 
     write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated, expected_crc32=expected_crc32)
-    return shard, layout.origins_in_shard(shard)
+    return shard, layout.origins_in_shard(shard), peak_rss_bytes()
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's lifetime peak
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since reset_peak_rss (the task's, on a worker)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --- orchestration ----------------------------------------------------------------------
@@ -300,6 +328,21 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                              f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} "
                              f"(ids are file names without .cif/.cif.gz, e.g. {ids[0]})")
     fingerprint = params.fingerprint(sources)
+    try:
+        lock = BuildLock(root).__enter__()
+    except LockedError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        return _build(root, sources, ids, listed, fingerprint, params, workers, scheduler, overwrite,
+                      progress, started)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint: dict, params: BuildParams,
+           workers: int | None, scheduler: str | None, overwrite: bool, progress: bool,
+           started: float) -> BuildSummary:
+    """build_cache's work, under the cache's lock."""
     summary = BuildSummary(out=str(root))
     summary.resumed = _prepare_store(root, fingerprint, overwrite)
     if summary.resumed:
@@ -319,8 +362,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
                                  None if params.exact_centers else params.image, box_half, pure=False)
                    for b in batches]
-        _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
-             unit="file", progress=progress, weight=len)
+        scanned = _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
+                       unit="file", progress=progress, weight=lambda r: len(r[0]))
 
         # Layout: origin ids from scan results in input order.
         table = _collect_scan(root, sources, ids, params.keep_duplicates)
@@ -335,8 +378,8 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                                  params.storage, params.rotations, None, not params.exact_centers,
                                  pure=False) for s in pending]
         done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
-        _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
-             unit="origin", progress=progress, weight=lambda r: r[1])
+        written = _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
+                       unit="origin", progress=progress, weight=lambda r: r[1])
 
     # Publish: checksums, then the completion flag, then drop the build state.
     done = [write.read_done(root, s) for s in range(layout.n_shards)]
@@ -349,7 +392,9 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         build={**(attrs.get("build") or {}),
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
-               "saturated_voxels": saturated})
+               "saturated_voxels": saturated,
+               "peak_worker_rss_bytes": {"scan": max((r[1] for r in scanned), default=None),
+                                         "voxelize": max((r[2] for r in written), default=None)}})
     shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)
     return _summarize(root, attrs, summary, started)
 
@@ -634,6 +679,7 @@ def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -
     summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
     summary.duplicates = attrs.get("duplicates", [])
     summary.empty = attrs.get("empty", [])
+    summary.peak_worker_rss_bytes = (attrs.get("build") or {}).get("peak_worker_rss_bytes")
     return summary
 
 

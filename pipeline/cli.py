@@ -182,6 +182,9 @@ def run_build(args: argparse.Namespace) -> int:
           f"  origins:    {summary.origins}\n"
           f"  size:       {_human(summary.bytes_on_disk)} ({params.storage.dtype})\n"
           f"  elapsed:    {summary.elapsed_s:.1f} s" +
+          (f"\n  memory:     peak RSS per worker {_human(peak['scan'])} (scan), {_human(peak['voxelize'])} (voxelize)"
+           if (peak := summary.peak_worker_rss_bytes) and peak.get("scan") and peak.get("voxelize")
+           and not summary.already_complete else "") +
           (f"\n  saturated:  {summary.saturated_voxels} voxels clipped at --uint8-max {params.storage.uint8_max}"
            if summary.saturated_voxels else ""))
     return 0

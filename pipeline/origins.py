@@ -46,31 +46,29 @@ def pick_origins(xyz: np.ndarray, rule: OriginRule, content_sha256: str) -> np.n
         return np.zeros((0, 3))
     rng = np.random.default_rng([rule.seed, zlib.crc32(content_sha256.encode())])
     order = candidates[rng.permutation(len(candidates))]
-    chosen = _thin(xyz, order, rule.min_spacing_A)
-    if rule.max_per_structure > 0:
-        chosen = chosen[: rule.max_per_structure]  # first-chosen are a random, well spread subset
-    return xyz[np.sort(chosen)]
+    chosen = _thin(xyz, order, rule.min_spacing_A, rule.max_per_structure)
+    return xyz[np.sort(chosen)]  # the first-chosen are a random, well spread subset
 
 
-def _thin(xyz: np.ndarray, order: np.ndarray, spacing: float) -> np.ndarray:
-    """Greedy: walk ``order``, keep an atom unless a kept one is within ``spacing``."""
+def _thin(xyz: np.ndarray, order: np.ndarray, spacing: float, cap: int = 0) -> np.ndarray:
+    """Greedy: walk ``order``, keep an atom unless a kept one is within ``spacing``; stop at
+    ``cap`` kept (0: no cap). Neighbours are looked up for kept atoms only, so memory stays
+    linear in the atoms (a list of all close pairs of a 200k-atom entry is ~300 MiB)."""
     if spacing <= 0:
-        return order
+        return order[:cap] if cap > 0 else order
     from scipy.spatial import cKDTree
 
     pts = xyz[order]
-    pairs = cKDTree(pts).query_pairs(spacing, output_type="ndarray")
-    # CSR adjacency over positions in `order`, so the walk below is linear in pairs.
-    both = np.concatenate([pairs, pairs[:, ::-1]]) if len(pairs) else np.zeros((0, 2), np.int64)
-    both = both[np.argsort(both[:, 0], kind="stable")]
-    starts = np.searchsorted(both[:, 0], np.arange(len(order) + 1))
+    tree = cKDTree(pts)
     blocked = np.zeros(len(order), bool)
     kept = []
     for i in range(len(order)):
         if blocked[i]:
             continue
         kept.append(i)
-        blocked[both[starts[i]:starts[i + 1], 1]] = True
+        if len(kept) == cap:
+            break
+        blocked[tree.query_ball_point(pts[i], spacing)] = True
     return order[np.asarray(kept, dtype=np.int64)]
 
 

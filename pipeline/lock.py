@@ -1,0 +1,125 @@
+"""One build per cache: a lock file beside the store that names its holder.
+
+``CACHE`` is guarded by ``.CACHE.lock`` in the same directory (beside, not inside, so
+that ``--overwrite`` may replace the store and a non-cache directory is never touched).
+It is created with ``O_CREAT | O_EXCL``, which is atomic on local filesystems and on the
+shared ones builds with ``--scheduler`` use (NFSv3 and later, Lustre, GPFS, BeeGFS),
+unlike ``flock``/``fcntl`` locks, which some NFS and Lustre mounts ignore or refuse. The
+file holds the holder's host, pid, process start time and the build's start time, so a
+second build refuses with a message naming the first.
+
+A lock left by a build that died (kill -9, a node lost) is taken over when its holder is
+provably gone: on the same host, when that pid is not running (or is another process,
+told apart by its start time); from any host, when the holder has not refreshed the
+file for ``STALE_AFTER_S`` (a live holder touches it every ``HEARTBEAT_S``). Not
+covered: filesystems without atomic exclusive create (NFSv2, some FUSE/object-store
+mounts such as s3fs): there two builds started within the same instant may both proceed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0  # 20 missed heartbeats: the holder is gone (clock skew between hosts allowed)
+
+
+class LockedError(Exception):
+    """Another build holds the cache; str() names it."""
+
+
+def lock_path(root: str | os.PathLike) -> Path:
+    root = Path(root).absolute()
+    return root.parent / f".{root.name}.lock"
+
+
+def _me() -> dict:
+    proc = psutil.Process()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": proc.create_time(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _holder_gone(holder: dict, mtime: float) -> bool:
+    if time.time() - mtime > STALE_AFTER_S:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        return abs(psutil.Process(int(holder["pid"])).create_time() - float(holder["pid_started"])) > 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return True
+    except psutil.Error:
+        return False
+
+
+class BuildLock:
+    """``with BuildLock(root):`` holds the cache's lock, refreshing it, until the block ends."""
+
+    def __init__(self, root: str | os.PathLike, what: str = "build"):
+        self.root = Path(root).absolute()
+        self.path = lock_path(root)
+        self.what = what
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "BuildLock":
+        me = {**_me(), "what": self.what}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()  # raises LockedError while the holder lives
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="build-lock")
+            self._thread.start()
+            return self
+        raise LockedError(f"{self.path}: cannot take the build lock (it keeps reappearing)")
+
+    def _take_over_if_stale(self) -> None:
+        """Remove a dead holder's lock (the caller retries the create), else raise LockedError."""
+        try:
+            mtime = self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError):  # being written this instant, or garbage: judged by its age
+            holder = {}
+        if not isinstance(holder, dict):
+            holder = {}
+        if _holder_gone(holder, mtime) if holder else time.time() - mtime > HEARTBEAT_S:
+            self.path.unlink(missing_ok=True)
+            return
+        raise LockedError(
+            f"{self.root}: another {holder.get('what', 'build')} is writing this "
+            f"cache (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+            f"{holder.get('started', '?')}); wait for it to finish, then rerun this command (it resumes). "
+            f"If that process is gone, delete {self.path}")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if json.loads(self.path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        return False
