@@ -354,6 +354,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
 
     with _dask_client(workers, scheduler) as client:
         # Phase 1: scan.
+        t_scan = time.time()
         todo = [(i, str(src), ids[i]) for i, src in enumerate(sources)
                 if not write.scan_path(root, i).exists()]
         batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
@@ -373,6 +374,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         layout = _write_layout(root, params, table)
 
         # Phase 2: write shards.
+        t_write = time.time()
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
         futures = [client.submit(_run_task, write_task, str(root), s, _pieces(table, layout, s), params.image,
                                  params.storage, params.rotations, None, not params.exact_centers,
@@ -380,6 +382,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
         written = _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
                        unit="origin", progress=progress, weight=lambda r: r[1])
+        t_end = time.time()
 
     # Publish: checksums, then the completion flag, then drop the build state.
     done = [write.read_done(root, s) for s in range(layout.n_shards)]
@@ -393,6 +396,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
                "saturated_voxels": saturated,
+               "phase_s": {"scan": round(t_write - t_scan, 3), "voxelize": round(t_end - t_write, 3)},
                "peak_worker_rss_bytes": {"scan": max((r[1] for r in scanned), default=None),
                                          "voxelize": max((r[2] for r in written), default=None)}})
     shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)

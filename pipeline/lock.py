@@ -73,10 +73,13 @@ class BuildLock:
         me = {**_me(), "what": self.what}
         for _ in range(3):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # as the build would for --out
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 self._take_over_if_stale()  # raises LockedError while the holder lives
                 continue
+            except OSError as exc:  # e.g. the directory is not writable: say so about the cache
+                raise OSError(exc.errno, exc.strerror, str(self.root)) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
                 fh.flush()

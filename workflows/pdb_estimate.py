@@ -3,7 +3,8 @@
 
 Measured here, on the sample cache: origins per structure (mean), bytes per origin
 per storage dtype, seconds of one core to parse a structure and to voxelize an
-origin. Scaled to ``--entries`` (default 230,000, about the PDB in 2026): origins,
+origin the way the build does (a lattice cache: whole structures' tiles and crops,
+divided by their origins; an --exact-centers cache: one origin at a time). Scaled to ``--entries`` (default 230,000, about the PDB in 2026): origins,
 disk per dtype, build core-hours, and page cache for a fully resident cache.
 
     pipeline build-cache tests/data/mmcif --out sample.zarr
@@ -29,10 +30,11 @@ from cache_tools import format as fmt  # noqa: E402
 from cache_tools.info import human_bytes  # noqa: E402
 
 
-def measure(cache: str, sample_origins: int = 200) -> dict:
+def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) -> dict:
     """Per-structure and per-origin costs on one core, on the cache's own inputs."""
+    from pipeline.encode import LatticeEncoder
     from pipeline.parse import parse_atoms
-    from pipeline.voxelize import ImageSpec, voxelize
+    from pipeline.voxelize import ImageSpec, Storage, voxelize
 
     attrs = fmt.read_attrs(cache)
     params = attrs["params"]
@@ -42,17 +44,34 @@ def measure(cache: str, sample_origins: int = 200) -> dict:
     centers = fmt.read_array(cache, fmt.CENTER)
     paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
     parse_s, atoms = [], []
-    for k in range(len(ranges)):
+    rng = np.random.default_rng(0)
+    measured = np.sort(rng.choice(len(ranges), size=min(sample_structures, len(ranges)), replace=False))
+    for k in measured:
         t = time.perf_counter()
         atoms.append(parse_atoms(fmt.ragged_item(*paths, k), params["channels"]))
         parse_s.append(time.perf_counter() - t)
-    rng = np.random.default_rng(0)
-    origins = rng.choice(int(ranges[-1, 1]), size=min(sample_origins, int(ranges[-1, 1])), replace=False)
+    if params.get("centers") == "lattice":  # the build's cost: each structure's tiles, then crops
+        mats = fmt.read_array(cache, fmt.ROTATION) if params["rotations"] > 1 else None
+        t = time.perf_counter()
+        for a, k in zip(atoms, measured):
+            encoder = LatticeEncoder(a.xyz, a.channel, spec, Storage("float32"))
+            run = slice(ranges[k, 0], ranges[k, 1])
+            for _ in encoder.encode_many(centers[run].astype(np.float64), mats[run] if mats is not None else None):
+                pass
+        n_measured = int(sum(ranges[k, 1] - ranges[k, 0] for k in measured))
+        per_origin = (time.perf_counter() - t) / n_measured / params["rotations"]  # per image, as below
+        return _result(ranges, parse_s, per_origin, cache, params)
+    atoms = dict(zip(measured.tolist(), atoms))
+    origins = np.concatenate([np.arange(ranges[k, 0], ranges[k, 1]) for k in measured])
+    origins = rng.choice(origins, size=min(sample_origins, len(origins)), replace=False)
     structure_of = np.searchsorted(ranges[:, 1], origins, side="right")
     t = time.perf_counter()
     for origin, k in zip(origins, structure_of):
         voxelize(atoms[k].xyz, atoms[k].channel, centers[origin].astype(np.float64), spec)
-    voxelize_s = (time.perf_counter() - t) / len(origins)
+    return _result(ranges, parse_s, (time.perf_counter() - t) / len(origins), cache, params)
+
+
+def _result(ranges, parse_s, voxelize_s, cache, params) -> dict:
     per_origin_values = int(np.prod(fmt.VoxelLayout(cache).image_shape))
     return {"structures": len(ranges), "origins": int(ranges[-1, 1]),
             "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
