@@ -49,7 +49,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     ``cube_rotation`` int (index into the 24 of :mod:`cache_tools.rotations` applied
     on top, 0 without ``rotate``); :meth:`rotation_matrix` composes the two.
 
-    Indices and ids: what the dataset TAKES is local to its selection (a split):
+    ``subset=NAME`` keeps the structures of a subset stored by ``cache-tools subset``
+    (selected by metadata); with ``split=`` too, the structures in both.
+    :meth:`structure_meta` gives a structure's recorded metadata.
+
+    Indices and ids: what the dataset TAKES is local to its selection (a split and/or subset):
     ``ds[i]``, ``len(ds)``, ``n_structures``, ``structure_id(k)``,
     ``origins_of_structure(k)`` (a range of local sample indices). What samples
     RETURN (``origin_id``, ``structure_index``) are global cache ids, the same in
@@ -83,7 +87,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __init__(self, cache: str | os.PathLike, split: str | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
-                 prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None):
+                 prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None,
+                 subset: str | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -107,6 +112,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 raise fmt.CacheError(f"{self.root}: no split named {split!r} (available: "
                                      f"{', '.join(names) or 'none; run `cache-tools split`'})")
             self.split_code = names.index(split)
+        self.subset = subset
+        if subset is not None:
+            from cache_tools.subset import subset_rows
+            subset_rows(self.root, subset, attrs)  # raises CacheError naming the stored subsets
         self.transform = transform
         self.rotate = rotate
         self.seed = seed
@@ -121,6 +130,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
         self._len = self.layout.n_origins if self._all else int(cumulative[-1])
+        if subset is not None and self._n_structures == 0:
+            raise fmt.CacheError(f"{self.root}: {self._selection()} holds no structure")
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -167,7 +178,17 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         if self.split_code is not None:
             codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
             rows = rows[codes[rows] == self.split_code]
+        if self.subset is not None:
+            from cache_tools.subset import subset_rows
+            rows = np.intersect1d(rows, subset_rows(self.root, self.subset), assume_unique=True)
         return rows
+
+    def _selection(self) -> str:
+        """The selection's name for messages: "split 'val'", "subset 'x'", both, or "the cache"."""
+        parts = ([f"split {self.split!r}"] if self.split is not None else []) + \
+                ([f"subset {self.subset!r}"] if self.subset is not None else []) + \
+                (["the selected structures"] if self.structures is not None else [])
+        return " and ".join(parts) or "the cache"
 
     def _structure_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(selected rows, first origin id of each, cumulative origin counts with a leading 0)."""
@@ -260,7 +281,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         rows, starts, cumulative = self._table()
         k = int(np.searchsorted(rows, row))
         if k == len(rows) or rows[k] != row:
-            raise ValueError(f"origin id {origin} (structure row {row}) is not in split {self.split!r}")
+            raise ValueError(f"origin id {origin} (structure row {row}) is not in {self._selection()}")
         return int(cumulative[k] + origin - starts[k])
 
     def _origin_ids(self, indices: np.ndarray) -> np.ndarray:
@@ -277,7 +298,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def _index_error(self, index: int):
         raise IndexError(f"index {index} out of range for {self._len} samples"
-                         + (f" in split {self.split!r}" if self.split else ""))
+                         + (f" in {self._selection()}" if self.split or self.subset or self.structures is not None else ""))
 
     def _choices(self, index: int) -> tuple[int, int]:
         """(stored rotation, cube rotation) of sample ``index`` this epoch."""
@@ -420,7 +441,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         k = operator.index(k)
         if not -self._n_structures <= k < self._n_structures:
             raise IndexError(f"structure {k} out of range for {self._n_structures} structures"
-                             + (f" in split {self.split!r}" if self.split else ""))
+                             + (f" in {self._selection()}" if self.split or self.subset or self.structures is not None else ""))
         return k % self._n_structures
 
     def structure_row(self, k: int) -> int:
@@ -433,8 +454,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         rows = self._table()[0]
         k = int(np.searchsorted(rows, row))
         if k == len(rows) or rows[k] != row:
-            raise ValueError(f"structure row {row} is not in "
-                             + (f"split {self.split!r}" if self.split else "the cache"))
+            raise ValueError(f"structure row {row} is not in {self._selection()}")
         return k
 
     def origins_of_structure(self, k: int) -> range:
@@ -442,6 +462,18 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         k = self._structure(k)
         cumulative = self._table()[2]
         return range(int(cumulative[k]), int(cumulative[k + 1]))
+
+    def structure_meta(self, k: int) -> dict[str, Any]:
+        """Metadata of local structure ``k`` recorded at build time: ``method`` and ``polymer``
+        (lists of names), ``resolution_A`` (NaN if absent), ``deposited``/``released``
+        (``datetime.date`` or None), ``n_models``, ``n_chains``. CacheError on a cache built
+        before they were recorded."""
+        row = self.structure_row(k)
+        state = self._local()
+        if "meta" not in state:
+            from cache_tools.structure_meta import StructureColumns
+            state["meta"] = StructureColumns(self.root)
+        return state["meta"].row(row)
 
     def structure_id(self, k: int) -> str:
         """The id of local structure ``k`` (from its file name, e.g. '1abc')."""
@@ -455,7 +487,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return state["ids"]
 
     def __repr__(self) -> str:
-        return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, n={self._len}, "
+        return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, subset={self.subset!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, items=float32, "
                 f"stored={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")

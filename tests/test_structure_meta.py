@@ -207,3 +207,35 @@ def test_info_shows_distributions(cache_factory, capsys):
     assert cache_tools(["info", str(root)]) == 0
     out = capsys.readouterr().out
     assert "method:     X-RAY DIFFRACTION 4, (none) 1" in out and "deposited:  1995-03-24 .. 2009-01-21" in out
+
+
+def test_dataset_subset_combined_with_split(cache_factory, tmp_path):
+    from cache_tools import VoxelCacheDataset
+    from cache_tools.split import assign_splits
+
+    root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
+    assign_splits(root, val=0.4, seed=1)
+    assert cache_tools(["subset", str(root), "protein", "--where", "polymer == 'protein'"]) == 0
+    subset = fmt.read_array(root, fmt.subset_array("protein")).tolist()
+    codes, names = fmt.read_array(root, fmt.STRUCTURE_SPLIT), fmt.read_attrs(root)["splits"]
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    cols = StructureColumns(root)
+    for split in (None, "train", "val"):
+        ds = VoxelCacheDataset(root, split=split, subset="protein")
+        rows = [r for r in subset if split is None or names[codes[r]] == split]
+        assert [ds.structure_row(k) for k in range(ds.n_structures)] == rows  # local positions, global rows
+        assert len(ds) == sum(int(ranges[r, 1] - ranges[r, 0]) for r in rows)
+        origins = sorted(int(o) for r in rows for o in range(*ranges[r]))
+        batch = ds[list(range(len(ds)))]
+        assert batch["origin_id"].tolist() == origins  # ids returned are global
+        assert set(batch["structure_index"].tolist()) == set(rows)
+        for k in range(ds.n_structures):
+            assert ds.structure_meta(k) == cols.row(rows[k])
+            assert ds.structure_id(k) == ids_of(root)[rows[k]]
+            assert [ds.origin_id(i) for i in ds.origins_of_structure(k)] == list(range(*ranges[rows[k]]))
+    assert VoxelCacheDataset(root, split="val", subset="protein").structure_meta(0)["polymer"] == ["protein"]
+    with pytest.raises(fmt.CacheError, match="no subset named 'nope' \\(available: protein\\)"):
+        VoxelCacheDataset(root, subset="nope")
+    outside = next(r for r in range(len(ranges)) if r not in subset)
+    with pytest.raises(ValueError, match="is not in subset 'protein'"):
+        VoxelCacheDataset(root, subset="protein").local_structure(outside)
