@@ -15,6 +15,9 @@ _EXPORTS = {
     "RandomCubeRotation": "cache_tools.rotations",
     "CacheError": "cache_tools.format",
     "MemoryProfiler": "cache_tools.memory",
+    # optional extra: these import lightning, on first use only
+    "VoxelCacheDataModule": "cache_tools.lightning",
+    "MemoryMarkCallback": "cache_tools.lightning",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -868,54 +868,10 @@ def _worker_colors() -> list[str]:
             "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a"]
 
 
-# --------------------------------------------------------------------------------------------
-# Lightning
-# --------------------------------------------------------------------------------------------
-def _lightning_callback_base() -> type | None:
-    """Lightning's Callback class if Lightning is in use, without importing it at module import."""
-    for module_name in ("lightning.pytorch", "pytorch_lightning"):
-        module = sys.modules.get(module_name)
-        if module is not None:
-            return getattr(module, "Callback", None)
-    for module_name in ("lightning.pytorch", "pytorch_lightning"):
-        try:
-            module = __import__(module_name, fromlist=["Callback"])
-        except ImportError:
-            continue
-        return getattr(module, "Callback", None)
-    return None
-
-
-_lightning_subclasses: dict[type, type] = {}
-
-
-class MemoryMarkCallback:
-    """Marks epochs and validation on the memory plot of a Lightning run.
-
-    ``Trainer(callbacks=[MemoryMarkCallback(prof)])``.  Copy-on-read growth
-    typically shows as a USS staircase per epoch, and validation starts extra
-    workers; the marks make both visible.  When Lightning is installed the
-    instance is also a ``Callback`` subclass (Lightning checks ``isinstance``);
-    without Lightning it is a plain object with the same hook methods.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "MemoryMarkCallback":
-        base = _lightning_callback_base() if cls is MemoryMarkCallback else None
-        if base is not None:
-            sub = _lightning_subclasses.get(base)
-            if sub is None:
-                sub = _lightning_subclasses[base] = type("MemoryMarkCallback", (cls, base), {})
-            cls = sub
-        return super().__new__(cls)
-
-    def __init__(self, profiler: MemoryProfiler) -> None:
-        self.profiler = profiler
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark(f"epoch {getattr(trainer, 'current_epoch', '?')}")
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark("validation")
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark("validation end")
+def __getattr__(name: str):
+    # MemoryMarkCallback is a lightning.Callback and lives with the DataModule; importing it
+    # from here still works, and only then imports lightning.
+    if name == "MemoryMarkCallback":
+        from cache_tools.lightning import MemoryMarkCallback
+        return MemoryMarkCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ whole structures and entries either way); the cache is never written. ``--cache-
 uses the splits stored by ``cache-tools split`` instead.
 
 Plain torch, no Lightning: the recipe needs nothing Lightning adds, and the
-profiler's ``MemoryMarkCallback`` gives Lightning users the same marks.
+`workflows/train_lightning.py` is the Lightning version (VoxelCacheDataModule).
 """
 from __future__ import annotations
 
