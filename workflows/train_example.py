@@ -15,8 +15,8 @@ The train/val split is computed in memory (``--val``, ``--balance origins|struct
 whole structures and entries either way); the cache is never written. ``--cache-split``
 uses the splits stored by ``cache-tools split`` instead.
 
-Plain torch, no Lightning: the recipe needs nothing Lightning adds, and the
-`workflows/train_lightning.py` is the Lightning version (VoxelCacheDataModule).
+Plain torch, no Lightning: the recipe needs nothing Lightning adds;
+``workflows/train_lightning.py`` is the Lightning version (VoxelCacheDataModule).
 """
 from __future__ import annotations
 
