@@ -64,119 +64,16 @@ if str(REPO) not in sys.path:          # run from a checkout, too
 
 
 # ============================================================================================
-# measuring one process tree (runs in the child, and in tests)
+# measuring one process tree: the harness lives in the profiler package (tests use it too)
 # ============================================================================================
-def process_memory(pid: int) -> dict[str, int] | None:
-    """The per-process figures this benchmark reports, in bytes (None if the process is gone).
-
-    ``uss`` (Private_Clean + Private_Dirty) is what the process frees on exit, but it also
-    counts clean *file* pages only this process maps -- page cache (e.g. cache images
-    only one worker happened to read), reclaimable, not heap. ``private_anon`` is
-    min(Private_Dirty, Anonymous): private pages that are anonymous (heap, copy-on-write
-    copies) -- the growth that the OOM killer counts. ``private_file`` is the rest of USS.
-    """
-    from cache_tools.memory import private_anon, read_smaps_rollup
-
-    try:
-        sm = read_smaps_rollup(pid)
-    except OSError:
-        return None
-    if sm is None:
-        return None
-    uss = sm["Private_Clean"] + sm["Private_Dirty"]
-    anon = private_anon(sm)
-    return {"uss": uss, "private_anon": anon, "private_file": uss - anon,
-            "anonymous": sm["Anonymous"], "private_dirty": sm["Private_Dirty"],
-            "pss_anon": sm["Pss_Anon"], "pss_file": sm["Pss_File"], "pss_shmem": sm["Pss_Shmem"],
-            "rss": sm["Rss"], "pss": sm["Pss"]}
-
-
-def take_snapshot(label: str, roles: dict[int, str], root: int | None = None) -> dict[str, Any]:
-    """Memory of every process of the tree under ``root`` (default: this process) right now.
-
-    ``roles`` names known pids ("train-worker", "val-worker"); the root is "main", any
-    other descendant "other". Sums (Σ over the tree) are under ``sums``.
-    """
-    from cache_tools.memory import process_tree
-
-    root = os.getpid() if root is None else root
-    procs: dict[int, dict[str, Any]] = {}
-    for p in process_tree(root):
-        mem = process_memory(p.pid)
-        if mem is not None:
-            procs[p.pid] = {"role": "main" if p.pid == root else roles.get(p.pid, "other"), **mem}
-    return {"label": label, "t": time.monotonic(), "procs": procs,
-            "sums": {k: sum(v[k] for v in procs.values()) for k in SUM_KEYS}}
-
-
-def worker_pids(iterator: Any) -> list[int]:
-    """Pids of a multi-process DataLoader iterator's workers, in worker-id order."""
-    return [w.pid for w in getattr(iterator, "_workers", [])]
-
-
-def run_phases(train_loader: Any, val_loader: Any, epochs: int,
-               emit: Callable[[dict], None] = lambda event: None,
-               snapshot: Callable[[str, dict[int, str]], dict] = take_snapshot) -> dict[str, Any]:
-    """Run ``epochs`` epochs of training batches, each followed by a validation pass.
-
-    Takes a snapshot at the start (right after ``iter()``, which starts persistent
-    workers the first time) and at the end of every epoch and validation, and emits
-    ``mark`` events at epoch and validation starts and a ``progress`` event per batch.
-    Snapshot time is excluded from the phase timings. Returns snapshots, phases
-    (images, seconds) and the worker pids.
-    """
-    roles: dict[int, str] = {}
-    out: dict[str, Any] = {"snapshots": [], "phases": [], "train_pids": [], "val_pids": []}
-    images = 0
-
-    def snap(label: str) -> None:
-        s = snapshot(label, roles)
-        out["snapshots"].append(s)
-        emit({"event": "snapshot", **s})
-
-    for epoch in range(1, epochs + 1):
-        for phase, loader in (("train", train_loader), ("val", val_loader)):
-            name = f"epoch {epoch}" if phase == "train" else f"validation {epoch}"
-            emit({"event": "mark", "label": name})
-            if phase == "train" and hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
-            t0 = time.monotonic()
-            iterator = iter(loader)
-            t_iter = time.monotonic() - t0
-            pids = worker_pids(iterator)
-            out[f"{phase}_pids"] = pids
-            roles.update({pid: f"{phase}-worker" for pid in pids})
-            snap(f"{name} start")
-            t0 = time.monotonic()
-            n = 0
-            for batch in iterator:
-                n += len(batch["image"])
-                images += len(batch["image"])
-                emit({"event": "progress", "images": images})
-            seconds = time.monotonic() - t0 + t_iter
-            out["phases"].append({"epoch": epoch, "phase": phase, "images": n, "seconds": seconds})
-            snap(f"{name} end")
-    return out
+from cache_tools.profiler.phases import (ConstantDataset, make_loaders, run_phases,  # noqa: E402,F401
+                                         take_snapshot, worker_pids)
+from cache_tools.profiler.proc import process_memory  # noqa: E402,F401
 
 
 # ============================================================================================
 # the child: one loader, one size
 # ============================================================================================
-class ConstantDataset:
-    """The "bare" baseline: every item is the same preallocated tensor."""
-
-    def __init__(self, length: int, shape: tuple[int, ...]) -> None:
-        import torch
-
-        self.length = length
-        self.image = torch.zeros(shape, dtype=torch.float32)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self.image, "origin_id": int(index)}
-
 
 def make_dataset(loader: str, cache: str, sqlite_path: str | None, voxelize: bool = True,
                  prefetch: bool | None = None) -> Any:
@@ -201,30 +98,6 @@ def make_dataset(loader: str, cache: str, sqlite_path: str | None, voxelize: boo
         return ConstantDataset(layout.n_origins, tuple(layout.image_shape))
     raise ValueError(f"unknown loader {loader!r}")
 
-
-def make_loaders(dataset: Any, loader: str, workers: int, batch_size: int, steps: int | None,
-                 val_steps: int, seed: int = 0) -> tuple[Any, Any]:
-    """Train + val DataLoaders over ``dataset``: forked, persistent workers, as users run them.
-
-    Train: a fresh random subset of ``steps`` batches each epoch (all origins if None).
-    Val: a fixed, evenly spread subset of ``val_steps`` batches.
-    """
-    import torch
-    from torch.utils.data import DataLoader, RandomSampler
-
-    collate = None
-    if loader == "cache":
-        from cache_tools import batch_collate
-        collate = batch_collate          # the recommended (batched-read) path
-    n = len(dataset)
-    num_samples = n if steps is None else min(n, steps * batch_size)
-    train_sampler = RandomSampler(dataset, num_samples=num_samples,
-                                  generator=torch.Generator().manual_seed(seed))
-    val_indices = np.linspace(0, n - 1, min(n, val_steps * batch_size)).astype(int).tolist()
-    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                  multiprocessing_context="fork" if workers > 0 else None, collate_fn=collate)
-    return (DataLoader(dataset, sampler=train_sampler, **common),
-            DataLoader(dataset, sampler=val_indices, **common))
 
 
 def _emit(event: dict) -> None:

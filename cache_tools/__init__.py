@@ -14,7 +14,7 @@ _EXPORTS = {
     "BlockShuffleSampler": "cache_tools.sampling",
     "RandomCubeRotation": "cache_tools.rotations",
     "CacheError": "cache_tools.format",
-    "MemoryProfiler": "cache_tools.memory",
+    "MemoryProfiler": "cache_tools.profiler",
     # optional extra: these import lightning, on first use only
     "VoxelCacheDataModule": "cache_tools.lightning",
     "MemoryMarkCallback": "cache_tools.lightning",

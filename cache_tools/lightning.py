@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cache_tools.dataset import VoxelCacheDataset, batch_collate
 
 if TYPE_CHECKING:
-    from cache_tools.memory import MemoryProfiler
+    from cache_tools.profiler import MemoryProfiler
 
 __all__ = ["VoxelCacheDataModule", "EpochSampler", "MemoryMarkCallback"]
 

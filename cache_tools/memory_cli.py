@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[str], int | None, float, int | None, Path]:
-    from cache_tools.memory import parse_size
+    from cache_tools.profiler import parse_size
 
     command = list(args.command or [])
     if command and command[0] == "--":
@@ -88,7 +88,7 @@ def _exit_status(returncode: int) -> int:
 
 
 def _report(summary: dict[str, Any], cap_report: dict[str, Any] | None, returncode: int | None) -> None:
-    from cache_tools.memory import format_cap_report, format_summary
+    from cache_tools.profiler import format_cap_report, format_summary
 
     text = format_summary(summary)
     if cap_report is not None:
@@ -107,7 +107,7 @@ def _report(summary: dict[str, Any], cap_report: dict[str, Any] | None, returnco
 def _run_command(command: list[str], interval: float, cap_bytes: int | None, out: Path) -> int:
     import json
 
-    from cache_tools.memory import MemoryCap, MemoryProfiler
+    from cache_tools.profiler import MemoryCap, MemoryProfiler
 
     cap = MemoryCap(cap_bytes).create() if cap_bytes else None   # CgroupUnavailable -> exit 2
     try:
@@ -153,7 +153,7 @@ def _run_command(command: list[str], interval: float, cap_bytes: int | None, out
 
 
 def _run_attached(pid: int, interval: float, out: Path) -> int:
-    from cache_tools.memory import MemoryProfiler
+    from cache_tools.profiler import MemoryProfiler
 
     prof = MemoryProfiler(out, interval=interval, pid=pid, print_summary=False).start()
     print(f"{PROG}: sampling pid {pid} and its descendants every {interval:g} s into {out}/ "
@@ -175,7 +175,7 @@ def _run_attached(pid: int, interval: float, out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cache_tools.memory import CgroupUnavailable, ProfilerUnavailable, check_available
+    from cache_tools.profiler import CgroupUnavailable, ProfilerUnavailable, check_available
 
     out: Path | None = None
     created_out = False

@@ -22,6 +22,7 @@ def test_readme_names_only_options_that_exist():
     known = set(re.findall(r"--[a-z][a-z0-9-]+", helps))
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", readme))
     others = {"--mem",        # SLURM's
-              "--dry-run"}    # workflows/build_cache_slurm.py's (tested in test_workflows.py)
+              "--dry-run",    # workflows/build_cache_slurm.py's (tested in test_workflows.py)
+              "--cache", "--devices"}  # workflows/train_lightning.py's (tested in test_lightning.py)
     assert sorted(shown - known - others) == []
     assert all(" ".join(c) in readme for c in COMMANDS)

@@ -1,7 +1,7 @@
 """Loader memory, small and real: forked DataLoader workers over a real cache, real /proc.
 
-The claims of benchmarks/loader_memory.py in miniature, with its own harness
-(``run_phases``: train + val loaders with persistent workers, snapshots of every
+The claims of benchmarks/loader_memory.py in miniature, with its harness
+(``cache_tools.profiler.phases.run_phases``: train + val loaders with persistent workers, snapshots of every
 worker's smaps_rollup at each epoch and validation start and end):
 
 * a VoxelCacheDataset worker does not grow from epoch to epoch -- and the same check
@@ -32,9 +32,9 @@ from pipeline.voxelize import ImageSpec, Storage
 
 from conftest import DATA, SMALL_FILES, fs_type
 
+from cache_tools.profiler.phases import make_loaders, run_phases
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from loader_memory import make_loaders, run_phases  # noqa: E402
 
 MB = 10**6
 MiB = 1 << 20

@@ -159,8 +159,9 @@ def test_outputs_have_documented_columns_a_png_and_user_marks(tmp_path):
         marks = list(csv.reader(f))
     assert marks[0] == ["t_s", "label"]
     assert [m[1] for m in marks[1:] if m[1] == "validation"] == ["validation"]
-    assert 0.3 <= float(next(m[0] for m in marks if m[1] == "validation")) < 0.6
     summary = json.loads((tmp_path / "summary.json").read_text())
+    # after the 0.35 s sleep, before the last sample (no upper bound in seconds: a loaded machine is slow)
+    assert 0.3 <= float(next(m[0] for m in marks if m[1] == "validation")) <= summary["duration_s"]
     assert summary["peak_pss"] >= summary["final_pss"] > 0 and summary["peak_rss"] >= summary["peak_pss"]
 
 
