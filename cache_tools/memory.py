@@ -17,3 +17,7 @@ def __getattr__(name: str):
         from cache_tools.lightning import MemoryMarkCallback
         return MemoryMarkCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# private names some callers (tests) reach for
+from cache_tools.profiler.sampler import Timeline as _Timeline, read_samples as _read_samples  # noqa: E402,F401
