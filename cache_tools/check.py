@@ -7,8 +7,11 @@ Checks, in order (each problem is one line naming origin ids, structure and file
   origin ranges tile 0..N-1 with no gap or overlap and agree with each origin's
   structure index; ragged string tables and split codes are well formed;
 - voxels: every shard file present with its exact size and zarr's shard index intact;
-- checksums and values, on all cores: each origin's crc32 as recorded at build time,
-  no NaN, inf or negative voxel, dtype and image shape as the attributes say;
+- checksums and values, on all cores: each origin's crc32 as recorded at build time
+  (it covers the origin's stored bytes before compression, i.e. the image in its storage
+  dtype; a compressed origin is decoded first, which also checks its zstd frame and
+  zstd's own content checksum), no NaN, inf or negative voxel, dtype and image shape
+  as the attributes say;
 - with ``--sources``: each structure's source still exists with the content hash it
   was built from (staleness);
 - with ``--spot-check N``: N random origins re-parsed and re-voxelized by the build's
@@ -33,10 +36,11 @@ import numpy as np
 
 from cache_tools import format as fmt
 from cache_tools.options import non_negative_int, positive_int
+from cache_tools.reader import ShardReader
 
 UNIT_BYTES = 16 << 20  # bytes of voxels per checksum task: small enough to spread over cores
-SHARD_KINDS = ("missing-shard", "truncated-shard", "shard-index", "checksum", "non-finite", "negative",
-               "spot-check")  # problems a shard rewrite mends
+SHARD_KINDS = ("missing-shard", "truncated-shard", "shard-index", "undecodable", "checksum", "non-finite",
+               "negative", "spot-check")  # problems a shard rewrite mends
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Cache:
         self.root = root
         self.attrs = attrs if attrs is not None else fmt.read_attrs(root)
         self.layout = fmt.VoxelLayout(root)  # CacheError: cannot read the images at all
+        self.reader = ShardReader(self.layout, threads=1)
         self.problems: list[Problem] = []
         self.ranges = self.ids = self.paths = self.structure_index = self.crc32 = None
         self.sha256 = self.atom_count = None
@@ -208,6 +213,17 @@ def check_shard_files(c: Cache) -> list[int]:
         except FileNotFoundError:
             c.report("missing-shard", "shard file is missing", lo, hi, c.rel(path))
             continue
+        if layout.codec is not None:  # variable size: the index must point inside the file
+            with open(path, "rb") as fh:
+                fh.seek(max(0, size - 16 * layout.origins_per_shard))
+                tail = np.frombuffer(fh.read(), np.uint8)
+            problem = fmt.index_problem(layout, shard, fmt.shard_index_of(layout, tail), size)
+            if problem:
+                c.report("truncated-shard" if "too short" in problem else "shard-index", problem,
+                         lo, hi, c.rel(path))
+                continue
+            readable.append(shard)
+            continue
         if size != layout.shard_nbytes(shard):
             c.report("truncated-shard", f"shard file has {size} bytes, expected {layout.shard_nbytes(shard)}",
                      lo, hi, c.rel(path))
@@ -222,26 +238,29 @@ def check_shard_files(c: Cache) -> list[int]:
     return readable
 
 
-def _scan_unit(c: Cache, shard: int, lo: int, hi: int) -> tuple[int, list[int], list[int], list[int]]:
-    """(bytes read, checksum failures, non-finite origins, negative origins) of origins [lo, hi)."""
-    layout = c.layout
-    nbytes, first = layout.origin_nbytes, shard * layout.origins_per_shard
-    buf = bytearray((hi - lo) * nbytes)
-    with open(layout.shard_path(shard), "rb") as fh:
-        fh.seek((lo - first) * nbytes)
-        fh.readinto(buf)
-    view = memoryview(buf)
-    bad_crc = []
-    if c.crc32 is not None:
-        for j in range(hi - lo):  # zlib releases the GIL on buffers this large: threads use all cores
-            if zlib.crc32(view[j * nbytes:(j + 1) * nbytes]) != c.crc32[lo + j]:
-                bad_crc.append(lo + j)
-    non_finite, negative = [], []
-    if layout.dtype.kind == "f":
-        values = np.frombuffer(buf, dtype=layout.dtype).reshape(hi - lo, -1)
-        non_finite = (lo + np.flatnonzero(~np.isfinite(values).all(axis=1))).tolist()
-        negative = (lo + np.flatnonzero((values < 0).any(axis=1))).tolist()
-    return len(buf), bad_crc, non_finite, negative
+def _scan_unit(c: Cache, lo: int, hi: int) -> tuple[int, dict[str, list[int]]]:
+    """(bytes checked, {problem kind: origins}) of origins [lo, hi), read through the Dataset's reader.
+
+    The crc32 covers each origin's stored bytes before compression (the image as its
+    storage dtype), so a compressed origin is decoded first: that checks its zstd frame
+    (and zstd's own content checksum) as well.
+    """
+    found: dict[str, list[int]] = {"undecodable": [], "checksum": [], "non-finite": [], "negative": []}
+    floating = c.layout.dtype.kind == "f"
+    for origin in range(lo, hi):
+        try:
+            stored = c.reader.view(origin)  # zlib and zstd release the GIL: threads use all cores
+        except fmt.CacheError:
+            found["undecodable"].append(origin)
+            continue
+        if c.crc32 is not None and zlib.crc32(stored) != c.crc32[origin]:
+            found["checksum"].append(origin)
+        if floating:
+            if not np.isfinite(stored).all():
+                found["non-finite"].append(origin)
+            if (stored < 0).any():
+                found["negative"].append(origin)
+    return (hi - lo) * c.layout.origin_nbytes, found
 
 
 def check_voxels(c: Cache, shards: list[int], workers: int, progress: bool) -> int:
@@ -254,19 +273,19 @@ def check_voxels(c: Cache, shards: list[int], workers: int, progress: bool) -> i
     for shard in shards:
         first = shard * layout.origins_per_shard
         stop = first + layout.origins_in_shard(shard)
-        units += [(shard, lo, min(lo + per_unit, stop)) for lo in range(first, stop, per_unit)]
-    found: dict[str, list[int]] = {"checksum": [], "non-finite": [], "negative": []}
-    total = sum(hi - lo for _, lo, hi in units) * layout.origin_nbytes
+        units += [(lo, min(lo + per_unit, stop)) for lo in range(first, stop, per_unit)]
+    found: dict[str, list[int]] = {"undecodable": [], "checksum": [], "non-finite": [], "negative": []}
+    total = sum(hi - lo for lo, hi in units) * layout.origin_nbytes
     read = 0
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=total, desc="checksums", unit="B", unit_scale=True, disable=not progress) as bar:
-        for nread, bad_crc, non_finite, negative in pool.map(lambda u: _scan_unit(c, *u), units):
-            found["checksum"] += bad_crc
-            found["non-finite"] += non_finite
-            found["negative"] += negative
+        for nread, unit_found in pool.map(lambda u: _scan_unit(c, *u), units):
+            for kind, origins in unit_found.items():
+                found[kind] += origins
             read += nread
             bar.update(nread)
-    details = {"checksum": "crc32 differs from the one recorded at build time (bytes changed)",
+    details = {"undecodable": "compressed bytes do not decode (zstd frame or its checksum damaged)",
+               "checksum": "crc32 differs from the one recorded at build time (bytes changed)",
                "non-finite": "NaN or infinite voxel values", "negative": "negative voxel values"}
     per_shard = layout.origins_per_shard
     for kind, origins in found.items():
@@ -366,10 +385,13 @@ def spot_check(c: Cache, files: list[Path | None], usable: list[bool], n: int, s
         if encoder is None:
             continue
         expected, _ = encoder.encode(centers[origin], mats[origin] if mats is not None else None)
-        shard, offset = layout.locate(origin)
-        with open(layout.shard_path(shard), "rb") as fh:
-            fh.seek(offset)
-            stored = fh.read(layout.origin_nbytes)
+        shard = origin // layout.origins_per_shard
+        try:
+            stored = c.reader.stored_bytes(origin)
+        except fmt.CacheError as exc:
+            c.report("spot-check", str(exc).removeprefix(f"{c.root}: origin {origin}: "), origin, origin,
+                     c.rel(layout.shard_path(shard)))
+            continue
         if stored != expected:
             a = np.frombuffer(stored, layout.dtype).astype(np.float64)
             b = np.frombuffer(expected, layout.dtype).astype(np.float64)

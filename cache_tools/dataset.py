@@ -12,10 +12,9 @@ Why it stays small in every DataLoader worker:
 from __future__ import annotations
 
 import gc
-import mmap
 import operator
 import os
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -25,6 +24,7 @@ import torch
 
 from cache_tools import format as fmt
 from cache_tools.cgroup import memory_budget
+from cache_tools.reader import ShardReader
 from cache_tools.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
 
 _MASK64 = (1 << 64) - 1
@@ -38,6 +38,19 @@ def _mix(*values: int) -> int:
         h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 29
     return h
+
+
+@dataclass
+class _Local:
+    """What one process has opened (memory-mapped metadata); never pickled or inherited."""
+    pid: int
+    structure_index: np.ndarray
+    center: np.ndarray
+    # (selected rows, their first origins, cumulative origin counts); None when
+    # everything is selected (ids are indices) until a structure method needs it
+    table: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    rotations: np.ndarray | None = None
+    ids: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class VoxelCacheDataset(torch.utils.data.Dataset):
@@ -71,7 +84,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     origin's crc32 as it is read. ``structures`` (global structure rows, e.g. from
     :func:`cache_tools.split.compute_splits`) restricts the dataset to them, within
     ``split`` if given: a split held in memory, the cache untouched (the array is
-    pickled with the dataset, 8 bytes a structure).
+    pickled with the dataset, 8 bytes a structure). Image bytes come through a
+    :class:`ShardReader` (``ds.reader``): at most ``max_maps`` shard maps (and
+    descriptors) per process, compressed caches decoded on ``threads`` threads per batch.
 
     Batches: ``DataLoader(ds, batch_size=B, collate_fn=batch_collate)`` reads each
     batch with :meth:`__getitems__` into one buffer and hands it over without a
@@ -88,11 +103,12 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
                  prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None,
-                 subset: str | None = None):
+                 subset: str | None = None, max_maps: int | None = None, threads: int | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
         self.layout = fmt.VoxelLayout(self.root)
+        self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
         self.scale = fmt.dequantize_scale(attrs)
         self.n_rotations = int(attrs["params"]["rotations"])
         self.channels: list[list[str]] = attrs["params"]["channels"]
@@ -122,10 +138,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.verify = verify
         self.pin_memory = pin_memory
         if prefetch is None:
-            prefetch = self.layout.n_origins * self.layout.origin_nbytes > memory_budget() // 2
+            prefetch = fmt.voxels_nbytes(self.layout) > memory_budget() // 2
         self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._state: dict[str, Any] | None = None
+        self._state: _Local | None = None
         rows, _, cumulative = self._structure_table()  # not kept: reopened per process
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
@@ -137,10 +153,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_state"] = None  # maps and arrays are reopened where they are used
+        state["_state"] = None  # arrays (and the reader's maps) are reopened where they are used
         return state
 
-    def _open(self) -> dict[str, Any]:
+    def _open(self) -> _Local:
         """Per-process state: opened on first use in each process, never inherited."""
         if torch.utils.data.get_worker_info() is not None:
             # In a DataLoader worker, everything that exists now was inherited from the
@@ -149,23 +165,14 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             # into the worker page by page (the copy-on-read growth of issue 13246).
             gc.freeze()
         root = self.root
-        state = {
-            "pid": os.getpid(),
-            "maps": [None] * self.layout.n_shards,
-            "mmaps": [None] * self.layout.n_shards,
-            "structure_index": fmt.read_array(root, fmt.STRUCTURE_INDEX),
-            "center": fmt.read_array(root, fmt.CENTER),
-            "crc": fmt.read_array(root, fmt.CRC32) if self.verify else None,
-            # (selected rows, their first origins, cumulative origin counts); None when
-            # everything is selected (ids are indices) until a structure method needs it
-            "table": None if self._all else self._structure_table(),
-        }
-        self._state = state
-        return state
+        self._state = _Local(os.getpid(), fmt.read_array(root, fmt.STRUCTURE_INDEX),
+                             fmt.read_array(root, fmt.CENTER),
+                             None if self._all else self._structure_table())
+        return self._state
 
-    def _local(self) -> dict[str, Any]:
+    def _local(self) -> _Local:
         state = self._state
-        return state if state is not None and state["pid"] == os.getpid() else self._open()
+        return state if state is not None and state.pid == os.getpid() else self._open()
 
     def _selected_rows(self) -> np.ndarray:
         """The selection: sorted int64 global rows of the structures this dataset holds.
@@ -200,50 +207,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         state = self._local()
-        if state["table"] is None:
-            state["table"] = self._structure_table()
-        return state["table"]
-
-    def _shard(self, state: dict, shard: int, origin: int) -> np.ndarray:
-        """The shard's origins as an array (S, *image_shape) over the file, mapped once."""
-        path = self.layout.shard_path(shard)
-        expected = self.layout.shard_nbytes(shard)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is missing") from None
-        if size != expected:
-            raise fmt.CacheError(f"{self.root}: origin {origin}: shard file {path} is truncated "
-                                 f"or damaged ({size} bytes, expected {expected})")
-        with open(path, "rb") as fh:  # read-only map; the fd can close, the map stays
-            mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-        n = self.layout.origins_in_shard(shard)
-        array = np.frombuffer(mapped, dtype=self.layout.dtype, count=n * int(np.prod(self.layout.image_shape)))
-        array = array.reshape(n, *self.layout.image_shape)
-        state["maps"][shard] = array
-        state["mmaps"][shard] = mapped
-        return array
-
-    def _prefetch(self, state: dict, sorted_origins: np.ndarray) -> None:
-        """Ask the kernel to read every origin of a batch now, in parallel (MADV_WILLNEED).
-
-        The kernel reads exactly these ranges, at once, instead of faulting page by page
-        with 128 KiB of read-around each time, which floods a memory-capped page cache
-        with neighbours nobody asked for (benchmarks/cold_reads.py, loader_memory.py
-        --memory-cap). On a warm cache the kernel still walks every page of the range,
-        hence only for caches that do not fit.
-        """
-        per_shard, nbytes = self.layout.origins_per_shard, self.layout.origin_nbytes
-        breaks = np.flatnonzero(np.diff(sorted_origins) != 1) + 1
-        for run in np.split(sorted_origins, breaks):
-            first, last = int(run[0]), int(run[-1])
-            for shard in range(first // per_shard, last // per_shard + 1):
-                if state["maps"][shard] is None:
-                    self._shard(state, shard, max(first, shard * per_shard))
-                lo = max(first, shard * per_shard) - shard * per_shard
-                hi = min(last, shard * per_shard + per_shard - 1) - shard * per_shard + 1
-                start = lo * nbytes - (lo * nbytes) % mmap.PAGESIZE
-                state["mmaps"][shard].madvise(mmap.MADV_WILLNEED, start, hi * nbytes - start)
+        if state.table is None:
+            state.table = self._structure_table()
+        return state.table
 
     # --- public API --------------------------------------------------------------------
 
@@ -292,7 +258,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         indices = indices % self._len if self._len else indices
         if self._all:
             return indices
-        _, starts, cumulative = state["table"]
+        _, starts, cumulative = state.table
         k = np.searchsorted(cumulative, indices, side="right") - 1
         return starts[k] + indices - cumulative[k]
 
@@ -307,16 +273,18 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         cube = _mix(self.seed, epoch, index, 2) % N_CUBE_ROTATIONS if self.rotate else 0
         return stored, cube
 
-    def _stored(self, state: dict, origin: int) -> np.ndarray:
-        """Zero-copy view of an origin's stored bytes (checked against its crc32 if verify)."""
-        shard, j = divmod(origin, self.layout.origins_per_shard)
-        array = state["maps"][shard]
-        if array is None:
-            array = self._shard(state, shard, origin)
-        if self.verify and zlib.crc32(array[j]) != int(state["crc"][origin]):
-            raise fmt.CacheError(f"{self.root}: origin {origin}: checksum mismatch in "
-                                 f"{self.layout.shard_path(shard)} (damaged cache; run cache-tools check)")
-        return array[j]
+    def _image_shape(self) -> tuple[int, ...]:
+        return self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
+
+    def _read_one(self, origin: int, rotation: int, cube: int, out: np.ndarray) -> None:
+        """One sample's image into ``out`` (float32): the one copy, or decode, plus rotations."""
+        if self.n_rotations == 1 and not cube:
+            self.reader.read_into(origin, out)
+            return
+        stored = self.reader.view(origin)
+        if self.n_rotations > 1:
+            stored = stored[rotation]
+        np.copyto(out, rotate_view(stored, cube) if cube else stored, casting="safe")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scalar = _scalar_index(index)
@@ -328,33 +296,28 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         index = scalar % self._len
         state = self._local()
         if self.prefetch:
-            self._prefetch(state, np.array([origin]))
-        stored = self._stored(state, origin)
+            self.reader.prefetch(np.array([origin]))
         rotation, cube = self._choices(index) if self.n_rotations > 1 or self.rotate else (0, 0)
-        if self.n_rotations > 1:
-            stored = stored[rotation]
-        if cube:
-            stored = rotate_view(stored, cube)
-        out = np.empty(stored.shape, dtype=np.float32)
-        np.copyto(out, stored, casting="safe")  # the one copy; also dequantizes and rotates
+        out = np.empty(self._image_shape(), dtype=np.float32)
+        self._read_one(origin, rotation, cube, out)
         if self.scale != 1.0:
             out *= np.float32(self.scale)
         image = torch.from_numpy(out)
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "origin_id": origin,
-                "structure_index": int(state["structure_index"][origin]),
-                "center_A": torch.from_numpy(state["center"][origin].copy()),
+                "structure_index": int(state.structure_index[origin]),
+                "center_A": torch.from_numpy(state.center[origin].copy()),
                 "rotation": rotation, "cube_rotation": cube}
 
     def __getitems__(self, indices: list[int]) -> "SampleBatch":
         """A whole batch in one buffer: PyTorch's batched-fetch hook.
 
-        Origins are grouped by shard, one vectorized gather per shard (a slice copy when
-        the ids run consecutively), straight into a single [B, C, L, L, L] float32 buffer
-        (pinned when ``pin_memory`` and CUDA is available), then dequantized with one
-        vector op. Returns a :class:`SampleBatch`: use ``collate_fn=batch_collate``
-        to take it as is; the default collate also works (it re-stacks the samples).
+        The reader gathers the origins shard by shard (one vectorized copy per shard, or
+        one decode per origin on a few threads when compressed) straight into a single
+        [B, C, L, L, L] float32 buffer (pinned when ``pin_memory`` and CUDA is available),
+        then one vector op dequantizes. Returns a :class:`SampleBatch`: use
+        ``collate_fn=batch_collate`` to take it as is; the default collate also works.
         """
         idx = np.asarray(indices)
         if idx.size and idx.dtype.kind not in "iu":
@@ -362,49 +325,26 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         idx = idx.astype(np.int64, copy=False).reshape(-1)
         origins = self._origin_ids(idx)
         idx = idx % self._len if self._len else idx
-        state = self._state
-        n = len(origins)
-        image_shape = self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
-        images = _batch_buffer((n, *image_shape), pin=self._pin())
+        state, n = self._state, len(origins)
+        images = _batch_buffer((n, *self._image_shape()), pin=self._pin())
         out = images.numpy()
-        if self.n_rotations > 1 or self.rotate:
-            choices = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
-        else:
-            choices = np.zeros((n, 2), dtype=np.int64)
+        choices = np.zeros((n, 2), dtype=np.int64)
         if self.prefetch and n:
-            self._prefetch(state, np.unique(origins))
-        if self.n_rotations > 1 or self.rotate or self.verify:
-            for k in range(n):  # per-sample path: each sample has its own rotation (or crc check)
-                stored = self._stored(state, int(origins[k]))
-                if self.n_rotations > 1:
-                    stored = stored[choices[k, 0]]
-                np.copyto(out[k], rotate_view(stored, int(choices[k, 1])), casting="safe")
+            self.reader.prefetch(np.unique(origins))
+        if self.n_rotations > 1 or self.rotate:  # each sample has its own rotation
+            choices[:] = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
+            for k in range(n):
+                self._read_one(int(origins[k]), int(choices[k, 0]), int(choices[k, 1]), out[k])
         else:
-            order = np.argsort(origins, kind="stable")
-            sorted_origins = origins[order]
-            per_shard = self.layout.origins_per_shard
-            shards = sorted_origins // per_shard
-            bounds = np.flatnonzero(np.diff(shards)) + 1
-            for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), n] if n else []):  # one group per shard
-                shard = int(shards[a])
-                array = state["maps"][shard]
-                if array is None:
-                    array = self._shard(state, shard, int(sorted_origins[a]))
-                rows, targets = sorted_origins[a:b] - shard * per_shard, order[a:b]
-                if rows[-1] - rows[0] == targets[-1] - targets[0] == b - a - 1 and (
-                        b - a == 1 or (np.all(np.diff(rows) == 1) and np.all(np.diff(targets) == 1))):
-                    # a run of consecutive origins going to consecutive places: one slice copy
-                    np.copyto(out[targets[0]:targets[0] + b - a], array[rows[0]:rows[0] + b - a], casting="safe")
-                else:
-                    out[targets] = array[rows]  # gather + scatter in C, dequantizing on the way
+            self.reader.gather(origins, out)
         if self.scale != 1.0:
             out *= np.float32(self.scale)
         if self.transform is not None:
             images = torch.stack([self.transform(img) for img in images])
         data = {"image": images,
                 "origin_id": torch.from_numpy(origins.astype(np.int64)),
-                "structure_index": torch.from_numpy(state["structure_index"][origins].astype(np.int64)),
-                "center_A": torch.from_numpy(state["center"][origins]),
+                "structure_index": torch.from_numpy(state.structure_index[origins].astype(np.int64)),
+                "center_A": torch.from_numpy(state.center[origins]),
                 "rotation": torch.from_numpy(choices[:, 0].copy()),
                 "cube_rotation": torch.from_numpy(choices[:, 1].copy())}
         return SampleBatch(data)
@@ -424,10 +364,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         cube = CUBE_ROTATION_MATRICES[np.asarray(sample["cube_rotation"], dtype=np.int64)]
         if self.n_rotations > 1:
             state = self._local()
-            if "rotations" not in state:
-                state["rotations"] = fmt.read_array(self.root, fmt.ROTATION)
+            if state.rotations is None:
+                state.rotations = fmt.read_array(self.root, fmt.ROTATION)
             origin = np.asarray(sample["origin_id"], dtype=np.int64)
-            stored = state["rotations"][origin, np.asarray(sample["rotation"], dtype=np.int64)]
+            stored = state.rotations[origin, np.asarray(sample["rotation"], dtype=np.int64)]
             return torch.from_numpy((cube.astype(np.float32) @ stored).astype(np.float32))
         return torch.from_numpy(cube.astype(np.float32))
 
@@ -482,9 +422,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def _strings(self) -> tuple[np.ndarray, np.ndarray]:
         state = self._local()
-        if "ids" not in state:
-            state["ids"] = fmt.read_ragged_strings(self.root, fmt.STRUCTURE_ID)
-        return state["ids"]
+        if state.ids is None:
+            state.ids = fmt.read_ragged_strings(self.root, fmt.STRUCTURE_ID)
+        return state.ids
 
     def __repr__(self) -> str:
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, subset={self.subset!r}, n={self._len}, "

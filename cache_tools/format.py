@@ -10,11 +10,12 @@ A cache is a zarr v3 group (a directory)::
     CACHE/
       zarr.json                      group; attributes["voxel_cache"] = build attrs
       voxels/                        (N, C, L, L, L), or (N, R, C, L, L, L) with R rotations
-        zarr.json                    sharding_indexed codec, uncompressed inner chunks
+        zarr.json                    sharding_indexed codec; inner chunk = one origin, raw or zstd
         c/<s>/0/0/0/0                shard s: origins [s*S, s*S + S), then the shard index
       origins/center_A               (N, 3) float32   voxel grid centre, in Å
       origins/structure_index        (N,)   int32     row of the structures table
       origins/crc32                  (N,)   uint32    zlib.crc32 of the origin's stored bytes
+                                                      (before compression: the image as stored dtype)
       origins/rotation               (N, R, 3, 3) float32, only when R > 1
       structures/id_utf8, id_offsets               ragged UTF-8 ids (unique, from file names)
       structures/source_path_utf8, source_path_offsets
@@ -36,10 +37,16 @@ A cache is a zarr v3 group (a directory)::
     (attrs["metadata_crc32"] holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
 
-Inside a shard, origin ``j`` occupies bytes ``[j * B, (j + 1) * B)`` where B is the
-bytes of one origin; the zarr shard index at the end of the file says the same,
+Inside an uncompressed shard, origin ``j`` occupies bytes ``[j * B, (j + 1) * B)`` where
+B is the bytes of one origin; the zarr shard index at the end of the file says the same,
 so zarr reads the store normally while a training worker turns an origin id into
 a file and an offset with two integer operations and memory-maps it.
+With ``compression`` (``--compression zstd``) each origin is one zstd frame (zarr's
+``zstd`` codec, numcodecs' implementation, with its content checksum on, so a damaged
+frame fails to decode instead of decoding into garbage), written one after another; the
+shard index (16 bytes per origin slot: offset, length) says where each frame is. The
+format version stays 1: the codec is zarr's own metadata, and a reader that predates
+compression refuses compressed voxels with a clear error.
 Every metadata array is a single uncompressed chunk, so it is one raw file too.
 """
 from __future__ import annotations
@@ -101,6 +108,10 @@ METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
 STORAGE_DTYPES = ("float32", "float16", "uint8")
 UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay below this; see docs
 EMPTY_INDEX_ENTRY = np.uint64(2**64 - 1)  # zarr's marker for "inner chunk absent"
+COMPRESSIONS = ("none", "zstd")   # --compression choices; "none" = raw bytes, memory-mapped as is
+DEFAULT_COMPRESSION = "zstd"
+DEFAULT_COMPRESSION_LEVEL = 1     # BENCHMARKS.md "Compression": level 1 is within 3% of level 3's size, decodes as fast
+SUPPORTED_CODECS = ("zstd",)      # inner codecs after "bytes" that this reader decodes
 
 
 class CacheError(Exception):
@@ -282,9 +293,23 @@ class VoxelLayout:
         (codec,) = meta["codecs"]
         if codec["name"] != "sharding_indexed":
             raise CacheError(f"{root}: voxels are not stored in the sharded layout")
-        inner = tuple(codec["configuration"]["chunk_shape"])
-        if inner != (1, *self.shape[1:]) or [c["name"] for c in codec["configuration"]["codecs"]] != ["bytes"]:
-            raise CacheError(f"{root}: voxels shards are compressed or oddly chunked; cannot memory-map")
+        config = codec["configuration"]
+        inner = tuple(config["chunk_shape"])
+        if inner != (1, *self.shape[1:]):
+            raise CacheError(f"{root}: voxels inner chunks are {list(inner)}, not one origin each; cannot read")
+        inner_codecs = config["codecs"]
+        if not inner_codecs or inner_codecs[0]["name"] != "bytes" or len(inner_codecs) > 2:
+            raise CacheError(f"{root}: voxels use the codec chain {[c['name'] for c in inner_codecs]}, "
+                             "which this reader does not support (supported: bytes, then optionally "
+                             f"{', '.join(SUPPORTED_CODECS)})")
+        self.codec: dict | None = inner_codecs[1] if len(inner_codecs) == 2 else None
+        if self.codec is not None and self.codec["name"] not in SUPPORTED_CODECS:
+            raise CacheError(f"{root}: voxels are compressed with codec '{self.codec['name']}', which this "
+                             f"reader does not support (supported: {', '.join(SUPPORTED_CODECS)})")
+        index_codecs = [c["name"] for c in config.get("index_codecs", [{"name": "bytes"}])]
+        if index_codecs != ["bytes"] or config.get("index_location", "end") != "end":
+            raise CacheError(f"{root}: voxels shard index uses codecs {index_codecs} at the "
+                             f"{config.get('index_location')}; this reader supports only a raw index at the end")
         self.origins_per_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         self.n_origins = self.shape[0]
         self.image_shape = self.shape[1:]  # (C, L, L, L) or (R, C, L, L, L)
@@ -302,17 +327,104 @@ class VoxelLayout:
     def shard_path(self, shard: int) -> Path:
         return shard_path(self.root, shard, len(self.shape))
 
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None
+
     def shard_nbytes(self, shard: int) -> int:
-        """Exact size of a complete shard file: its origins, then a 16-byte index entry per slot."""
+        """Exact size of a complete uncompressed shard file: its origins, then a 16-byte index entry per slot."""
         return self.origins_in_shard(shard) * self.origin_nbytes + 16 * self.origins_per_shard
 
-    def shard_index(self, shard: int) -> np.ndarray:
-        """The (offset, nbytes) index zarr expects at the end of the shard file."""
+    def shard_index(self, shard: int, sizes: list[int] | None = None) -> np.ndarray:
+        """The (offset, nbytes) index zarr expects at the end of the shard file.
+
+        ``sizes``: each origin's stored (compressed) length, written back to back;
+        by default every origin takes ``origin_nbytes``.
+        """
         index = np.full((self.origins_per_shard, 2), EMPTY_INDEX_ENTRY, dtype="<u8")
         n = self.origins_in_shard(shard)
-        index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(self.origin_nbytes)
-        index[:n, 1] = self.origin_nbytes
+        lengths = np.full(n, self.origin_nbytes, np.uint64) if sizes is None else np.asarray(sizes, np.uint64)
+        index[:n, 1] = lengths
+        index[:n, 0] = np.cumsum(lengths) - lengths
         return index
+
+
+def shard_index_of(layout: VoxelLayout, tail: np.ndarray) -> np.ndarray | None:
+    """The (S, 2) uint64 index at the end of a shard's bytes (uint8 array: the file or its tail), or None if short."""
+    index_bytes = 16 * layout.origins_per_shard
+    if len(tail) < index_bytes:
+        return None
+    return tail[len(tail) - index_bytes:].view("<u8").reshape(-1, 2)
+
+
+def index_problem(layout: VoxelLayout, shard: int, index: np.ndarray | None, size: int) -> str | None:
+    """Why a compressed shard of ``size`` bytes with this ``index`` is not a valid shard, or None.
+
+    Every origin slot must point inside the data part of the file (or be absent);
+    the slots past the shard's last origin must be absent.
+    """
+    index_bytes = 16 * layout.origins_per_shard
+    if index is None:
+        return f"{size} bytes, too short for its {index_bytes}-byte shard index"
+    n = layout.origins_in_shard(shard)
+    present = index[:n, 0] != EMPTY_INDEX_ENTRY
+    offsets, lengths = index[:n, 0][present], index[:n, 1][present]
+    limit = np.uint64(size - index_bytes)
+    bad = (offsets > limit) | (lengths > limit) | (offsets + lengths > limit)
+    if np.any(bad):
+        j = int(np.flatnonzero(present)[np.flatnonzero(bad)[0]])
+        return (f"shard index entry of origin {shard * layout.origins_per_shard + j} points past the data "
+                f"(offset {index[j, 0]}, {index[j, 1]} bytes, data ends at {size - index_bytes}); "
+                "truncated or damaged")
+    if np.any(index[n:] != EMPTY_INDEX_ENTRY):
+        return "shard index has entries past the shard's last origin; damaged"
+    return None
+
+
+def inner_codecs(compression: str, level: int) -> list[dict]:
+    """zarr v3 codec chain of one origin (an inner chunk of the shard)."""
+    chain = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        chain.append({"name": "zstd", "configuration": {"level": int(level), "checksum": True}})
+    elif compression != "none":
+        raise ValueError(f"unknown compression {compression!r} (choices: {', '.join(COMPRESSIONS)})")
+    return chain
+
+
+def encoder(codec: dict | None):
+    """bytes -> stored bytes of one origin, with the codec implementation zarr itself uses (numcodecs)."""
+    if codec is None:
+        return None
+    from numcodecs.zstd import Zstd
+
+    return Zstd(level=codec["configuration"].get("level", 0),
+                checksum=codec["configuration"].get("checksum", False)).encode
+
+
+def decoder(codec: dict | None):
+    """(stored bytes, out array) -> None: decode one origin into ``out``, or None when uncompressed.
+
+    numcodecs' zstd decompresses into ``out`` directly (no intermediate copy) and
+    raises RuntimeError on damaged input, ValueError on a size mismatch.
+    """
+    if codec is None:
+        return None
+    from numcodecs.zstd import decompress
+
+    return decompress
+
+
+def voxels_nbytes(layout: VoxelLayout) -> int:
+    """Bytes of the images on disk: exact when uncompressed, the shard files' sizes when compressed."""
+    if layout.codec is None:
+        return layout.n_origins * layout.origin_nbytes
+    total = 0
+    for shard in range(layout.n_shards):
+        try:
+            total += layout.shard_path(shard).stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def dequantize_scale(attrs: dict) -> float:
@@ -321,8 +433,9 @@ def dequantize_scale(attrs: dict) -> float:
 
 
 def voxels_array_metadata(n_origins: int, image_shape: tuple[int, ...], dtype: str,
-                          origins_per_shard: int, attributes: dict | None = None) -> dict:
-    """zarr v3 metadata of the voxels array: shards of whole origins, uncompressed."""
+                          origins_per_shard: int, attributes: dict | None = None,
+                          compression: str = "none", level: int = DEFAULT_COMPRESSION_LEVEL) -> dict:
+    """zarr v3 metadata of the voxels array: shards of whole origins, each raw or zstd-compressed."""
     shape = [n_origins, *image_shape]
     return {
         "shape": shape,
@@ -335,7 +448,7 @@ def voxels_array_metadata(n_origins: int, image_shape: tuple[int, ...], dtype: s
             "name": "sharding_indexed",
             "configuration": {
                 "chunk_shape": [1, *image_shape],
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "codecs": inner_codecs(compression, level),
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
                 "index_location": "end",
             },
