@@ -243,7 +243,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             raise IndexError(f"origin id {origin} out of range for {self.layout.n_origins} origins in the cache")
         if self._all:
             return origin
-        row = int(self._local()["structure_index"][origin])
+        row = int(self._local().structure_index[origin])
         rows, starts, cumulative = self._table()
         k = int(np.searchsorted(rows, row))
         if k == len(rows) or rows[k] != row:

@@ -23,7 +23,7 @@ def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1) -> Path:
     shard tasks; this writes the same format (one file per shard, zarr's index, all
     metadata consistent, so `cache-tools check` passes) in well under a second.
     """
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("c"))  # every chunk directory
+    shutil.copytree(src, dst, ignore=lambda d, names: ["c"] if Path(d).name == fmt.VOXELS else [])
     layout = fmt.VoxelLayout(src)
     n, m = layout.n_origins, len(fmt.read_array(src, fmt.STRUCTURE_ATOM_COUNT))
     reader = ShardReader(layout)
@@ -49,9 +49,11 @@ def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1) -> Path:
     ids = [fmt.ragged_item(blob, offsets, k) for k in range(m)]
     blob, offsets = fmt.read_ragged_strings(src, fmt.STRUCTURE_SOURCE_PATH)
     paths = [fmt.ragged_item(blob, offsets, k) for k in range(m)]
-    for name in (fmt.CENTER, fmt.CRC32, fmt.STRUCTURE_SHA256, fmt.STRUCTURE_ATOM_COUNT):
-        array = fmt.read_array(src, name)
-        fmt.write_array(dst, name, np.concatenate([array] * copies))
+    special = {fmt.STRUCTURE_INDEX, fmt.STRUCTURE_ORIGIN_RANGE, fmt.STRUCTURE_SPLIT, fmt.ROTATION}
+    for name in fmt.METADATA_ARRAYS:  # per-origin and per-structure columns: repeated
+        if name not in special and (src / name / "zarr.json").exists() and "offsets" not in name \
+                and "utf8" not in name:
+            fmt.write_array(dst, name, np.concatenate([fmt.read_array(src, name)] * copies))
     index = fmt.read_array(src, fmt.STRUCTURE_INDEX)
     fmt.write_array(dst, fmt.STRUCTURE_INDEX, np.concatenate([index + k * m for k in range(copies)]))
     fmt.write_array(dst, fmt.STRUCTURE_ORIGIN_RANGE, np.concatenate([ranges + k * n for k in range(copies)]))
