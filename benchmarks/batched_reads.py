@@ -1,7 +1,8 @@
 """Can one process feed training? Batched reads against per-item reads and the raw limit.
 
 One run, ratios only, warm page cache, batch size 64:
-  raw fancy-index   np.memmap fancy-index copy of the same ids into one array (the limit)
+  raw fancy-index   ONE np.memmap fancy index m[ids] over a single file holding the same
+                    stored bytes in id order, cast to dequantized float32 (the limit)
   __getitems__      DataLoader(ds, batch_size=B, collate_fn=batch_collate), 0 workers
   batch sampler     DataLoader(ds, batch_size=None, sampler=BatchSampler(...)), 0 workers
   default collate   DataLoader(ds, batch_size=B) (per-sample views re-stacked), 0 workers
@@ -60,23 +61,18 @@ def rate(loader, epochs: int = 3) -> float:
 
 
 def raw_rate(cache: str, n_items: int, epochs: int = 3) -> float:
-    """Fancy-index copies of the same batches straight from np.memmap (float32 out)."""
+    """``m[ids]`` on one np.memmap of the same bytes (no per-shard loop), dequantized to float32."""
     from cache_tools import format as fmt
+    from compressed_reads import single_file
 
-    layout = fmt.VoxelLayout(cache)
-    maps = [np.memmap(layout.shard_path(s), dtype=layout.dtype, mode="r",
-                      shape=(layout.origins_in_shard(s), *layout.image_shape)) for s in range(layout.n_shards)]
     scale = np.float32(fmt.dequantize_scale(fmt.read_attrs(cache)))
+    tmp = tempfile.TemporaryDirectory(prefix="batched-raw-")
+    m = single_file(cache, tmp.name)
 
     def one_pass(epoch: int) -> None:
         perm = np.random.default_rng(epoch).permutation(n_items)
         for b in range(0, n_items, BATCH):
-            ids = np.sort(perm[b:b + BATCH])
-            shard = ids // layout.origins_per_shard
-            out = np.empty((len(ids), *layout.image_shape), np.float32)
-            for s in np.unique(shard):
-                sel = np.flatnonzero(shard == s)
-                out[sel] = maps[s][ids[sel] % layout.origins_per_shard]
+            out = m[perm[b:b + BATCH]].astype(np.float32)
             if scale != 1:
                 out *= scale
             torch.from_numpy(out)
@@ -88,6 +84,7 @@ def raw_rate(cache: str, n_items: int, epochs: int = 3) -> float:
         for epoch in range(1, epochs + 1):
             one_pass(epoch)
         best = max(best, epochs * n_items / (time.perf_counter() - t))
+    tmp.cleanup()
     return best
 
 

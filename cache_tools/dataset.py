@@ -51,6 +51,7 @@ class _Local:
     table: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     rotations: np.ndarray | None = None
     ids: tuple[np.ndarray, np.ndarray] | None = None
+    meta: Any = None  # StructureColumns, opened on first structure_meta()
 
 
 class VoxelCacheDataset(torch.utils.data.Dataset):
@@ -410,10 +411,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         before they were recorded."""
         row = self.structure_row(k)
         state = self._local()
-        if "meta" not in state:
+        if state.meta is None:
             from cache_tools.structure_meta import StructureColumns
-            state["meta"] = StructureColumns(self.root)
-        return state["meta"].row(row)
+            state.meta = StructureColumns(self.root)
+        return state.meta.row(row)
 
     def structure_id(self, k: int) -> str:
         """The id of local structure ``k`` (from its file name, e.g. '1abc')."""

@@ -57,6 +57,13 @@ def cache_info(root: str | Path) -> dict:
         info.update(origins=layout.n_origins, image_shape=list(layout.image_shape),
                     bytes_per_origin=layout.origin_nbytes, shards=layout.n_shards,
                     origins_per_shard=layout.origins_per_shard)
+        stored = fmt.voxels_nbytes(layout)
+        info["voxels"] = {  # what the shard files hold, compressed or not
+            "codec": layout.codec["name"] if layout.codec else "none",
+            "level": layout.codec["configuration"].get("level") if layout.codec else None,
+            "stored_bytes": stored,
+            "stored_bytes_per_origin": round(stored / layout.n_origins, 1) if layout.n_origins else None,
+            "compression_ratio": round(layout.n_origins * layout.origin_nbytes / stored, 2) if stored else None}
         counts = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
         info["structures"] = len(counts)
         ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
@@ -133,6 +140,11 @@ def format_info(info: dict) -> str:
                      f"median {ops['median']:g}, max {ops['max']})")
         lines.append(f"  layout:     {info['shards']} shards of {info['origins_per_shard']} origins, "
                      f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
+        vox = info["voxels"]
+        if vox["codec"] != "none":
+            lines.append(f"  compressed: {vox['codec']} level {vox['level']}, "
+                         f"{human_bytes(vox['stored_bytes_per_origin'] or 0)} per origin on disk "
+                         f"({vox['compression_ratio']}x smaller)")
     elif "scanned_inputs" in info:
         lines.append(f"  structures: scanning, {info['scanned_inputs']} of {info['inputs']} inputs done, "
                      f"{len(info['failures'])} failed so far")

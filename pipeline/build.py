@@ -70,6 +70,8 @@ class BuildParams:
     origins_per_shard: int = 0  # 0 = automatic
     exact_centers: bool = False  # True: images centred on the origins as picked, voxelized one by one
     keep_duplicates: bool = False  # inputs with the same content as an earlier one are skipped
+    compression: str = "none"   # fmt.COMPRESSIONS; the CLI defaults to fmt.DEFAULT_COMPRESSION
+    compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
 
     def fingerprint(self, sources: list[Path]) -> dict:
         origins_sha = file_sha256(self.origins_file) if self.origins_file else None
@@ -88,6 +90,9 @@ class BuildParams:
             "n_inputs": len(sources),
             # only when set, so caches built before the option existed still resume
             **({"keep_duplicates": True} if self.keep_duplicates else {}),
+            # only when compressed, so uncompressed caches keep the fingerprint they always had
+            **({"compression": {"codec": self.compression, "level": self.compression_level}}
+               if self.compression != "none" else {}),
         }
 
 
@@ -530,7 +535,8 @@ def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayo
     voxels_dir = root / fmt.VOXELS
     voxels_dir.mkdir(exist_ok=True)
     fmt.write_json_atomic(voxels_dir / "zarr.json", fmt.voxels_array_metadata(
-        n, image_shape, params.storage.dtype, per_shard))
+        n, image_shape, params.storage.dtype, per_shard, compression=params.compression,
+        level=params.compression_level))
     return fmt.VoxelLayout(root)
 
 
@@ -701,7 +707,9 @@ def params_from_attrs(attrs: dict) -> BuildParams:
         else OriginRule(seed=rule.get("seed", 0)),
         rotations=int(p["rotations"]), origins_file=rule.get("path"),
         origins_per_shard=int(p["origins_per_shard"]), keep_duplicates=bool(p.get("keep_duplicates")),
-        exact_centers=p.get("centers", "exact") == "exact")  # caches from before the lattice: exact
+        exact_centers=p.get("centers", "exact") == "exact",  # caches from before the lattice: exact
+        **({"compression": p["compression"]["codec"], "compression_level": int(p["compression"]["level"])}
+           if "compression" in p else {}))
 
 
 def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int, Path],

@@ -89,10 +89,18 @@ def done_path(root, shard: int) -> Path:
 
 
 def shard_is_done(root, layout: fmt.VoxelLayout, shard: int) -> bool:
-    """A shard is done when its marker exists and its file has exactly the expected size."""
+    """A shard is done when its marker exists and its file has exactly the expected size
+    (compressed: a size its own shard index accounts for)."""
     path = layout.shard_path(shard)
-    return (done_path(root, shard).exists() and path.exists()
-            and path.stat().st_size == layout.shard_nbytes(shard))
+    if not (done_path(root, shard).exists() and path.exists()):
+        return False
+    size = path.stat().st_size
+    if layout.codec is None:
+        return size == layout.shard_nbytes(shard)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 16 * layout.origins_per_shard))
+        tail = np.frombuffer(fh.read(), np.uint8)
+    return fmt.index_problem(layout, shard, fmt.shard_index_of(layout, tail), size) is None
 
 
 class ChecksumMismatch(ValueError):
@@ -105,12 +113,16 @@ def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lam
 
     ``saturated()`` is asked after the last origin for the count of clipped voxels.
     With ``expected_crc32`` (a repair), an origin whose bytes differ from the recorded
-    checksum aborts the write before anything is published.
+    checksum aborts the write before anything is published. The crc32 covers the bytes
+    as given; a compressed layout then encodes each origin with its codec (zarr's own
+    implementation) and writes the index of the resulting lengths.
 
     The shard file is published before its done-marker, so a marker never points at
     a half-written shard.
     """
     crcs = np.zeros(layout.origins_in_shard(shard), dtype=np.uint32)
+    encode = fmt.encoder(layout.codec)
+    sizes: list[int] = []
 
     def chunks():
         count = 0
@@ -123,10 +135,13 @@ def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lam
                 raise ChecksumMismatch(f"origin {shard * layout.origins_per_shard + j}: rebuilt bytes do "
                                        "not match the checksum recorded by the build")
             count += 1
+            if encode is not None:
+                buf = encode(buf)
+            sizes.append(len(buf))
             yield buf
         if count != len(crcs):
             raise ValueError(f"shard {shard}: {count} origins written, expected {len(crcs)}")
-        yield layout.shard_index(shard).tobytes()
+        yield layout.shard_index(shard, sizes).tobytes()
 
     publish_bytes(layout.shard_path(shard), chunks())
     publish_npz(done_path(layout.root, shard), crc32=crcs, saturated=np.int64(saturated()))

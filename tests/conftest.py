@@ -40,11 +40,11 @@ def cache_factory(tmp_path_factory):
     """Build (once per session) a small cache for each storage dtype / rotation count asked for."""
     built: dict[tuple, Path] = {}
 
-    def make(dtype: str = "float32", rotations: int = 1) -> Path:
-        key = (dtype, rotations)
+    def make(dtype: str = "float32", rotations: int = 1, compression: str = "none") -> Path:
+        key = (dtype, rotations, compression)
         if key not in built:
-            out = tmp_path_factory.mktemp(f"cache-{dtype}-{rotations}") / "cache.zarr"
-            build_small(out, workers=2, dtype=dtype, rotations=rotations)
+            out = tmp_path_factory.mktemp(f"cache-{dtype}-{rotations}-{compression}") / "cache.zarr"
+            build_small(out, workers=2, dtype=dtype, rotations=rotations, compression=compression)
             built[key] = out
         return built[key]
 

@@ -16,8 +16,10 @@ from cache_tools import format as fmt
 from cache_tools.reader import ShardReader
 
 
-def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1) -> Path:
-    """A cache of ``copies`` copies of ``src``'s structures (ids suffixed ``_k``), ``per_shard`` origins a shard.
+def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1,
+               compression: tuple[str, int] | None = None) -> Path:
+    """A cache of ``copies`` copies of ``src``'s structures (ids suffixed ``_k``), ``per_shard`` origins a shard,
+    compressed like ``src`` or as ``compression`` (codec, level) says.
 
     Building thousands of one-origin shards with the pipeline costs seconds per hundred
     shard tasks; this writes the same format (one file per shard, zarr's index, all
@@ -31,13 +33,14 @@ def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1) -> Path:
     total = n * copies
     meta = fmt.array_meta(src, fmt.VOXELS)
     codec = layout.codec
+    if compression is None:
+        compression = (codec["name"], codec["configuration"]["level"]) if codec else ("none", 0)
     vox = fmt.voxels_array_metadata(total, layout.image_shape, layout.dtype.name, per_shard,
-                                    compression=codec["name"] if codec else "none",
-                                    level=codec["configuration"]["level"] if codec else 0)
+                                    compression=compression[0], level=compression[1])
     vox["attributes"] = meta.get("attributes", {})
     fmt.write_json_atomic(dst / fmt.VOXELS / "zarr.json", vox)
     tiled = fmt.VoxelLayout(dst)
-    encode = fmt.encoder(codec) or bytes
+    encode = fmt.encoder(tiled.codec) or bytes
     for shard in range(tiled.n_shards):
         first = shard * per_shard
         stored = [encode(images[o % n]) for o in range(first, first + tiled.origins_in_shard(shard))]

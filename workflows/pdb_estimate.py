@@ -2,7 +2,8 @@
 """Estimate what caching the whole PDB costs, from figures measured on a sample cache.
 
 Measured here, on the sample cache: origins per structure (mean), bytes per origin
-per storage dtype, seconds of one core to parse a structure and to voxelize an
+per storage dtype (raw, and compressed with the default codec: each origin one zstd
+frame, as `build-cache --compression zstd` stores it), seconds of one core to parse a structure and to voxelize an
 origin the way the build does (a lattice cache: whole structures' tiles and crops,
 divided by their origins; an --exact-centers cache: one origin at a time). Scaled to ``--entries`` (default 230,000, about the PDB in 2026): origins,
 disk per dtype, build core-hours, and page cache for a fully resident cache.
@@ -73,11 +74,31 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
 
 def _result(ranges, parse_s, voxelize_s, cache, params) -> dict:
     per_origin_values = int(np.prod(fmt.VoxelLayout(cache).image_shape))
-    return {"structures": len(ranges), "origins": int(ranges[-1, 1]),
+    n = int(ranges[-1, 1])
+    sample = np.random.default_rng(0).choice(n, size=min(200, n), replace=False)
+    return {"compressed_bytes": compressed_bytes(cache, sample),
+            "structures": len(ranges), "origins": int(ranges[-1, 1]),
             "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
             "parse_s_per_structure": float(np.mean(parse_s)), "voxelize_s_per_origin": voxelize_s,
             "values_per_origin": per_origin_values, "rotations": params["rotations"],
             "load_average": os.getloadavg()[0]}
+
+
+def compressed_bytes(cache: str, origins: np.ndarray) -> dict[str, float]:
+    """Mean stored bytes of these origins per dtype with the default codec (+16 B of shard index each)."""
+    from cache_tools.reader import ShardReader
+    from pipeline.voxelize import Storage
+
+    layout = fmt.VoxelLayout(cache)
+    scale = fmt.dequantize_scale(fmt.read_attrs(cache))
+    reader = ShardReader(layout)
+    encode = fmt.encoder(fmt.inner_codecs(fmt.DEFAULT_COMPRESSION, fmt.DEFAULT_COMPRESSION_LEVEL)[1])
+    sizes: dict[str, list[int]] = {"float32": [], "float16": [], "uint8": []}
+    for origin in origins:
+        values = reader.view(int(origin)).astype(np.float32) * np.float32(scale)
+        for dtype in sizes:
+            sizes[dtype].append(len(encode(Storage(dtype).encode(values)[0].tobytes())) + 16)
+    return {dtype: float(np.mean(s)) for dtype, s in sizes.items()}
 
 
 def main(argv=None) -> int:
@@ -96,11 +117,16 @@ def main(argv=None) -> int:
     print(f"  build:              {core_h:,.0f} core-hours (e.g. {core_h / 640:.1f} h on 20 nodes x 32 cores)")
     print(f"                      measured at load average {m['load_average']:.1f} on {os.cpu_count()} cores: "
           "timings grow with machine load, so measure on an idle machine")
-    print("  | dtype   | bytes/origin | on disk = page cache to hold it all |")
-    print("  |---------|-------------:|------------------------------------:|")
+    codec = f"{fmt.DEFAULT_COMPRESSION} {fmt.DEFAULT_COMPRESSION_LEVEL}"
+    print(f"  on disk = page cache to hold it all; '{codec}' = --compression {fmt.DEFAULT_COMPRESSION} "
+          f"--compression-level {fmt.DEFAULT_COMPRESSION_LEVEL}")
+    print(f"  | dtype   | bytes/origin | on disk   | {codec} bytes/origin | {codec} on disk |")
+    print("  |---------|-------------:|----------:|------------------:|-------------:|")
     for dtype, size in (("float32", 4), ("float16", 2), ("uint8", 1)):
         per = m["values_per_origin"] * size * m["rotations"]
-        print(f"  | {dtype:<7} | {per:>12,} | {human_bytes(n * per):>35} |")
+        packed = m["compressed_bytes"][dtype]
+        print(f"  | {dtype:<7} | {per:>12,} | {human_bytes(n * per):>9} | {packed:>17,.0f} | "
+              f"{human_bytes(n * packed):>12} |")
     print("\nA training job needs page cache only for its working set: with shuffled reads and a cache")
     print("larger than RAM, throughput is bounded by the disk (see BENCHMARKS.md, cold reads).")
     return 0
