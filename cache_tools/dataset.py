@@ -139,7 +139,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.verify = verify
         self.pin_memory = pin_memory
         if prefetch is None:
-            prefetch = fmt.voxels_nbytes(self.layout) > memory_budget() // 2
+            prefetch = fmt.voxels_nbytes(self.layout, estimate=True) > memory_budget() // 2
         self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._state: _Local | None = None

@@ -414,16 +414,23 @@ def decoder(codec: dict | None):
     return decompress
 
 
-def voxels_nbytes(layout: VoxelLayout) -> int:
-    """Bytes of the images on disk: exact when uncompressed, the shard files' sizes when compressed."""
+def voxels_nbytes(layout: VoxelLayout, estimate: bool = False) -> int:
+    """Bytes of the images on disk: exact when uncompressed, the shard files' sizes when compressed.
+
+    ``estimate``: one stat instead of one per shard (the Dataset's prefetch decision must
+    not cost more with more shards): the first shard's size scaled to all origins.
+    """
     if layout.codec is None:
         return layout.n_origins * layout.origin_nbytes
+    shards = range(min(1, layout.n_shards)) if estimate else range(layout.n_shards)
     total = 0
-    for shard in range(layout.n_shards):
+    for shard in shards:
         try:
             total += layout.shard_path(shard).stat().st_size
         except FileNotFoundError:
             pass
+    if estimate and layout.n_shards:
+        total = total * layout.n_origins // layout.origins_in_shard(0)
     return total
 
 

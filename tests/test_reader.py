@@ -41,9 +41,10 @@ def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1,
     fmt.write_json_atomic(dst / fmt.VOXELS / "zarr.json", vox)
     tiled = fmt.VoxelLayout(dst)
     encode = fmt.encoder(tiled.codec) or bytes
+    frames = [encode(image) for image in images]  # copies of an origin store the same bytes
     for shard in range(tiled.n_shards):
         first = shard * per_shard
-        stored = [encode(images[o % n]) for o in range(first, first + tiled.origins_in_shard(shard))]
+        stored = [frames[o % n] for o in range(first, first + tiled.origins_in_shard(shard))]
         path = tiled.shard_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"".join(stored) + tiled.shard_index(shard, [len(b) for b in stored]).tobytes())
