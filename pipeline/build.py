@@ -651,9 +651,9 @@ class _dask_client:
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         if interrupted:  # closing with tasks in flight logs cancelled comms: expected, so unsaid
             logging.getLogger("distributed").setLevel(logging.CRITICAL)
-            if self.cluster is not None:
-                with contextlib.suppress(Exception):
-                    self.client.run(_quiet_worker_logs)
+        if self.cluster is not None:  # the outcome is decided; shutdown races are not news
+            with contextlib.suppress(Exception):
+                self.client.run(_quiet_worker_logs)
         with _sigint_ignored() if interrupted else contextlib.nullcontext():  # a second Ctrl-C: still quiet
             if self.client is not None:
                 self.client.close()
