@@ -62,7 +62,9 @@ def bare_voxelizer_rate(cache: str) -> dict:
     return {"origins": n, "elapsed_s": elapsed, "origins_per_s": n / elapsed}
 
 
-def params(dtype: str = "float32", rotations: int = 1, exact: bool = False):
+def params(dtype: str = "float32", rotations: int = 1, exact: bool = False, keep_duplicates: bool = False):
+    """The CLI's defaults (zstd level 1 included); copies of a file need keep_duplicates."""
+    from cache_tools import format as fmt
     from pipeline.build import BuildParams
     from pipeline.origins import OriginRule
     from pipeline.parse import parse_channels
@@ -70,7 +72,8 @@ def params(dtype: str = "float32", rotations: int = 1, exact: bool = False):
 
     channels = parse_channels("C,N,O,*")
     return BuildParams(channels, ImageSpec(), Storage(dtype), OriginRule(), rotations=rotations,
-                       exact_centers=exact)
+                       exact_centers=exact, keep_duplicates=keep_duplicates,
+                       compression=fmt.DEFAULT_COMPRESSION, compression_level=fmt.DEFAULT_COMPRESSION_LEVEL)
 
 
 def timed_build(inputs: str, out: str, workers: int, **kw) -> dict:
@@ -144,8 +147,8 @@ def main(argv=None) -> dict:
         many = copies_of_samples(tmp / "many", args.copies)
         sample = timed_build(str(SAMPLES), str(tmp / "sample.zarr"), 1)
         bare = bare_voxelizer_rate(str(tmp / "sample.zarr"))
-        one = timed_build(str(many), str(tmp / "w1.zarr"), 1)
-        two = timed_build(str(many), str(tmp / "w2.zarr"), 2)
+        one = timed_build(str(many), str(tmp / "w1.zarr"), 1, keep_duplicates=True)
+        two = timed_build(str(many), str(tmp / "w2.zarr"), 2, keep_duplicates=True)
         steady = one["origins"] / one["phase_s"]["voxelize"]
         from make_assembly import make_assembly
 

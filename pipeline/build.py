@@ -5,9 +5,11 @@ Two phases over a dask.distributed cluster:
 1. *scan*, one task per batch of files: parse with gemmi, pick origins, keep the atoms
    in ``.build/atoms`` and the result in ``.build/scan``. Nothing in the store depends
    on the order tasks finish in.
-2. *write*, one task per shard: origin ids are assigned from the scan results in input
-   order, so every task knows its shard's origins and writes one file nobody else
-   touches (concurrent partial writes to one shard would corrupt it).
+2. *write*, one task per run of consecutive shards (``plan_write_tasks``): origin ids
+   are assigned from the scan results in input order, so every task knows its shards'
+   origins and writes files nobody else touches (concurrent partial writes to one shard
+   would corrupt it). A task voxelizes each structure's lattice tiles once across its
+   shards and publishes shard by shard.
 
 Finished work is recorded per file and per shard, so rerunning the same command
 after a crash resumes, and ends with the same bytes an uninterrupted run writes.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -39,7 +42,7 @@ from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_or
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
-SCAN_BATCH = 4  # files per scan task: amortizes task overhead, keeps the progress bar lively
+SCAN_BATCH = 4  # at most this many files per scan task: amortizes task overhead, keeps the bar lively
 
 
 class BuildError(Exception):
@@ -254,13 +257,18 @@ def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> st
             f"no atom within the image (nearest is {distance[far[0]]:.1f} Å away along an axis)")
 
 
-def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: ImageSpec,
+def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]], spec: ImageSpec,
                storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None,
-               lattice: bool = True) -> tuple[int, int]:
-    """Voxelize one shard's origins; pieces are (file index, first origin, stop origin).
+               lattice: bool = True) -> tuple[list[int], int, int]:
+    """Voxelize consecutive shards' origins; pieces are (file index, first origin, stop origin)
+    and cover the shards' origins. Returns (shards, origins written, peak RSS).
 
+    A structure is encoded once across the shards of a task, so its lattice tiles are
+    not cut at shard boundaries (``plan_write_tasks``); each shard is still published on
+    its own, so a crash loses at most the shard in progress.
     ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
-    ``expected_crc32`` (a repair): refuse to publish bytes that differ from the build's.
+    ``expected_crc32`` (a repair), one per origin of the shards: refuse to publish bytes
+    that differ from the build's.
     """
     reset_peak_rss()
     layout = fmt.VoxelLayout(root)
@@ -279,8 +287,44 @@ def write_task(root: str, shard: int, pieces: list[tuple[int, int, int]], spec: 
                 saturated += sat
                 yield stored
 
-    write.write_shard(layout, shard, origin_bytes(), saturated=lambda: saturated, expected_crc32=expected_crc32)
-    return shard, layout.origins_in_shard(shard), peak_rss_bytes()
+    stream, done = origin_bytes(), 0
+    for shard in shards:
+        n, before = layout.origins_in_shard(shard), saturated
+        write.write_shard(layout, shard, itertools.islice(stream, n), saturated=lambda: saturated - before,
+                          expected_crc32=None if expected_crc32 is None else expected_crc32[done:done + n])
+        done += n
+    return shards, done, peak_rss_bytes()
+
+
+def plan_write_tasks(pending: list[int], per_shard: int, n_origins: int, ranges: np.ndarray,
+                     target_origins: int) -> list[list[int]]:
+    """Group pending shards into write tasks of about ``target_origins`` each.
+
+    Shards are small next to a structure when a cache is small (at least 64 of them), and
+    a structure cut between tasks voxelizes the atoms near each cut twice (or, cut into
+    shard-size pieces, 3.8x the lattice work on the samples). So a task runs over
+    consecutive shards and ends, once it has ``target_origins``, at the first shard
+    boundary within one shard of a structure's end (or at twice the target).
+    """
+    starts = ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
+    stops = ranges[:, 1] if len(ranges) else np.zeros(0, np.int64)
+
+    def near_structure_end(boundary: int) -> bool:
+        k = int(np.searchsorted(stops, boundary, side="left"))  # the structure containing it, or ending at it
+        if k >= len(stops) or stops[k] == boundary or starts[k] == boundary:
+            return True
+        return min(boundary - starts[k], stops[k] - boundary) < per_shard
+
+    tasks: list[list[int]] = []
+    count = 0
+    for shard in pending:
+        if not tasks or shard != tasks[-1][-1] + 1 or count >= target_origins and (
+                near_structure_end(shard * per_shard) or count >= 2 * target_origins):
+            tasks.append([])
+            count = 0
+        tasks[-1].append(shard)
+        count += min(per_shard, n_origins - shard * per_shard)
+    return tasks
 
 
 def reset_peak_rss() -> None:
@@ -362,7 +406,9 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         t_scan = time.time()
         todo = [(i, str(src), ids[i]) for i, src in enumerate(sources)
                 if not write.scan_path(root, i).exists()]
-        batches = [todo[k:k + SCAN_BATCH] for k in range(0, len(todo), SCAN_BATCH)]
+        workers = max(1, sum(client.nthreads().values()))
+        per_task = max(1, min(SCAN_BATCH, len(todo) // (16 * workers)))  # small builds: balance first
+        batches = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
         box_half = params.image.grid_voxels * params.image.resolution_A / 2 + params.image.atom_radius_A
         futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
@@ -381,10 +427,13 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         # Phase 2: write shards.
         t_write = time.time()
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
-        futures = [client.submit(_run_task, write_task, str(root), s, _pieces(table, layout, s), params.image,
-                                 params.storage, params.rotations, None, not params.exact_centers,
-                                 pure=False) for s in pending]
-        done_origins = layout.n_origins - sum(layout.origins_in_shard(s) for s in pending)
+        pending_origins = sum(layout.origins_in_shard(s) for s in pending)
+        tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table["ranges"],
+                                 target_origins=-(-pending_origins // (8 * workers)))
+        futures = [client.submit(_run_task, write_task, str(root), shards, _pieces(table, layout, shards),
+                                 params.image, params.storage, params.rotations, None, not params.exact_centers,
+                                 pure=False) for shards in tasks]
+        done_origins = layout.n_origins - pending_origins
         written = _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
                        unit="origin", progress=progress, weight=lambda r: r[1])
         t_end = time.time()
@@ -540,10 +589,10 @@ def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayo
     return fmt.VoxelLayout(root)
 
 
-def _pieces(table: dict, layout: fmt.VoxelLayout, shard: int) -> list[tuple[int, int, int]]:
-    """(file index, start, stop) runs of the structures that overlap a shard."""
-    lo = shard * layout.origins_per_shard
-    hi = lo + layout.origins_in_shard(shard)
+def _pieces(table: dict, layout: fmt.VoxelLayout, shards: list[int]) -> list[tuple[int, int, int]]:
+    """(file index, start, stop) runs of the structures that overlap consecutive shards."""
+    lo = shards[0] * layout.origins_per_shard
+    hi = shards[-1] * layout.origins_per_shard + layout.origins_in_shard(shards[-1])
     ranges = table["ranges"]
     first = int(np.searchsorted(ranges[:, 1], lo, side="right"))
     pieces = []
@@ -739,7 +788,7 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
     (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
     try:
         for shard in tqdm(shards, desc="repair", unit="shard", disable=not progress):
-            pieces = _pieces(table, layout, shard)
+            pieces = _pieces(table, layout, [shard])
             for k, _, _ in pieces:
                 if write.atoms_path(root, k).exists():
                     continue
@@ -753,7 +802,7 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
                 write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8))
             lo = shard * layout.origins_per_shard
             try:
-                write_task(str(root), shard, pieces, params.image, params.storage, params.rotations,
+                write_task(str(root), [shard], pieces, params.image, params.storage, params.rotations,
                            expected_crc32=crc32[lo:lo + layout.origins_in_shard(shard)],
                            lattice=not params.exact_centers)
             except write.ChecksumMismatch as exc:

@@ -85,3 +85,15 @@ def test_origins_file_is_snapped_and_exact_centers_keeps_it(tmp_path):
             with open(layout.shard_path(shard), "rb") as fh:
                 fh.seek(offset)
                 assert fh.read(layout.origin_nbytes) == reference.encode(centers[origin])[0]
+
+
+def test_write_tasks_follow_structures_not_shards():
+    """Shards of 10 origins, structures of 33 and 62: tasks of ~20 origins end near a
+    structure's end (boundary 30, 3 from the first's end; 90, 5 from the second's), else at
+    twice the target (70), and never span a shard that is already written (gap 5)."""
+    from pipeline.build import plan_write_tasks
+
+    ranges = np.array([[0, 33], [33, 95]])
+    assert plan_write_tasks(list(range(10)), 10, 95, ranges, 20) == [[0, 1, 2], [3, 4, 5, 6], [7, 8], [9]]
+    assert plan_write_tasks([0, 1, 2, 3, 4, 6, 7], 10, 95, ranges, 1000) == [[0, 1, 2, 3, 4], [6, 7]]
+    assert plan_write_tasks([0, 1, 2], 10, 25, np.array([[0, 25]]), 1) == [[0], [1], [2]]
