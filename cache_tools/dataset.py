@@ -24,7 +24,7 @@ import torch
 
 from cache_tools import format as fmt
 from cache_tools.cgroup import memory_budget
-from cache_tools.reader import ShardReader
+from cache_tools.reader import ShardReader, scaled_copy
 from cache_tools.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
 
 _MASK64 = (1 << 64) - 1
@@ -81,6 +81,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     with ``--rotations K`` one stored rotation is picked too. Both choices are
     reproducible functions of (seed, epoch, index); call :meth:`set_epoch` each
     epoch (it reaches persistent workers through a shared-memory counter).
+    ``dequantize=False`` returns images in the stored dtype (uint8 or float16 caches: a
+    quarter or half of the bytes to move and pin); multiply by ``ds.scale`` where the
+    batch lands (``batch["image"].cuda().float() * ds.scale`` equals what the default gives).
     ``transform`` is applied to the image tensor. ``verify=True`` checks each
     origin's crc32 as it is read. ``structures`` (global structure rows, e.g. from
     :func:`cache_tools.split.compute_splits`) restricts the dataset to them, within
@@ -104,13 +107,16 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
                  prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None,
-                 subset: str | None = None, max_maps: int | None = None, threads: int | None = None):
+                 subset: str | None = None, max_maps: int | None = None, threads: int | None = None,
+                 dequantize: bool = True):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
         self.layout = fmt.VoxelLayout(self.root)
         self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
         self.scale = fmt.dequantize_scale(attrs)
+        self.dequantize = dequantize
+        self.image_dtype = np.dtype(np.float32) if dequantize else self.layout.dtype
         self.n_rotations = int(attrs["params"]["rotations"])
         self.channels: list[list[str]] = attrs["params"]["channels"]
         self.split = split
@@ -278,14 +284,15 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
 
     def _read_one(self, origin: int, rotation: int, cube: int, out: np.ndarray) -> None:
-        """One sample's image into ``out`` (float32): the one copy, or decode, plus rotations."""
+        """One sample's image into ``out``: the one copy (or decode), dequantized and rotated on the way."""
+        scale = self.scale if self.dequantize else 1.0
         if self.n_rotations == 1 and not cube:
-            self.reader.read_into(origin, out)
+            self.reader.read_into(origin, out, scale)
             return
         stored = self.reader.view(origin)
         if self.n_rotations > 1:
             stored = stored[rotation]
-        np.copyto(out, rotate_view(stored, cube) if cube else stored, casting="safe")
+        scaled_copy(rotate_view(stored, cube) if cube else stored, out, scale)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scalar = _scalar_index(index)
@@ -299,10 +306,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         if self.prefetch:
             self.reader.prefetch(np.array([origin]))
         rotation, cube = self._choices(index) if self.n_rotations > 1 or self.rotate else (0, 0)
-        out = np.empty(self._image_shape(), dtype=np.float32)
+        out = np.empty(self._image_shape(), dtype=self.image_dtype)
         self._read_one(origin, rotation, cube, out)
-        if self.scale != 1.0:
-            out *= np.float32(self.scale)
         image = torch.from_numpy(out)
         if self.transform is not None:
             image = self.transform(image)
@@ -327,7 +332,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         origins = self._origin_ids(idx)
         idx = idx % self._len if self._len else idx
         state, n = self._state, len(origins)
-        images = _batch_buffer((n, *self._image_shape()), pin=self._pin())
+        images = _batch_buffer((n, *self._image_shape()), self.image_dtype, pin=self._pin())
         out = images.numpy()
         choices = np.zeros((n, 2), dtype=np.int64)
         if self.prefetch and n:
@@ -337,9 +342,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             for k in range(n):
                 self._read_one(int(origins[k]), int(choices[k, 0]), int(choices[k, 1]), out[k])
         else:
-            self.reader.gather(origins, out)
-        if self.scale != 1.0:
-            out *= np.float32(self.scale)
+            self.reader.gather(origins, out, self.scale if self.dequantize else 1.0)
         if self.transform is not None:
             images = torch.stack([self.transform(img) for img in images])
         data = {"image": images,
@@ -452,19 +455,20 @@ def _scalar_index(index: Any) -> int | None:
                     f"got {type(index).__name__} {index!r}")
 
 
-def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
-    """An uninitialized float32 batch, allocated where it is going.
+def _batch_buffer(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialized batch, allocated where it is going.
 
     In a DataLoader worker the batch travels to the main process through shared
     memory; allocating it there directly (as torch's default collate does) saves
     the copy into shared memory and keeps big short-lived buffers out of the
     worker's malloc heap, which would otherwise keep growing by a batch at a time.
     """
+    dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
     if torch.utils.data.get_worker_info() is not None:
         numel = int(np.prod(shape))
-        storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(numel, device="cpu")
-        return torch.empty(0, dtype=torch.float32).new(storage).resize_(shape)
-    return torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+        return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 class SampleBatch(Sequence):

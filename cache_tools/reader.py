@@ -100,14 +100,18 @@ class ShardReader:
 
     def _shard(self, local: _Local, shard: int, origin: int) -> _Shard:
         with local.lock:
-            entry = local.maps.get(shard)
-            if entry is not None:
-                local.maps.move_to_end(shard)
-                return entry
-            while len(local.maps) >= local.max_maps:
-                local.maps.popitem(last=False)  # unmapped when its last view dies, never under one
-            entry = local.maps[shard] = self._map(shard, origin)
+            return self._shard_locked(local, shard, origin)
+
+    def _shard_locked(self, local: _Local, shard: int, origin: int) -> _Shard:
+        """The shard's map from the LRU (``local.lock`` held by the caller)."""
+        entry = local.maps.get(shard)
+        if entry is not None:
+            local.maps.move_to_end(shard)
             return entry
+        while len(local.maps) >= local.max_maps:
+            local.maps.popitem(last=False)  # unmapped when its last view dies, never under one
+        entry = local.maps[shard] = self._map(shard, origin)
+        return entry
 
     def _map(self, shard: int, origin: int) -> _Shard:
         layout = self.layout
@@ -154,15 +158,23 @@ class ShardReader:
             self._check_crc(local, origin, stored)
         return stored
 
-    def read_into(self, origin: int, out: np.ndarray) -> None:
-        """Copy (and cast) ``origin``'s image into ``out``; compressed bytes decode straight into it."""
-        if self.layout.codec is not None and out.dtype == self.layout.dtype and out.flags.c_contiguous \
-                and not self.verify:
-            local = self._local()
-            shard, j = divmod(origin, self.layout.origins_per_shard)
-            self._decode_into(self._shard(local, shard, origin), j, origin, out)
+    def read_into(self, origin: int, out: np.ndarray, scale: float = 1.0) -> None:
+        """``out = image of origin * scale`` (cast to out's dtype); compressed bytes of out's
+        dtype decode straight into it."""
+        local = self._local()
+        if self.verify:
+            scaled_copy(self.view(origin), out, scale)
+            return
+        shard, j = divmod(origin, self.layout.origins_per_shard)
+        entry = self._shard(local, shard, origin)
+        if entry.index is None:
+            scaled_copy(entry.data[j], out, scale)
+        elif out.dtype == self.layout.dtype and out.flags.c_contiguous and scale == 1.0:
+            self._decode_into(entry, j, origin, out)
         else:
-            np.copyto(out, self.view(origin), casting="safe")
+            scratch = self._scratch(local)
+            self._decode_into(entry, j, origin, scratch)
+            scaled_copy(scratch, out, scale)
 
     def stored_bytes(self, origin: int) -> bytes:
         """The origin's bytes as the build encoded them before compression (what its crc32 covers)."""
@@ -195,49 +207,45 @@ class ShardReader:
 
     # --- many origins ------------------------------------------------------------------------
 
-    def gather(self, origins: np.ndarray, out: np.ndarray) -> None:
-        """``out[k] = image of origins[k]`` (cast to out's dtype), one pass per shard.
+    def gather(self, origins: np.ndarray, out: np.ndarray, scale: float = 1.0) -> None:
+        """``out[k] = image of origins[k] * scale`` (cast to out's dtype), one pass per origin.
 
-        Uncompressed: one fancy-index copy per shard (a slice copy for a consecutive
-        run). Compressed: each origin decodes into its row of ``out`` on ``threads``
-        threads. At most ``max_maps`` shards are held at once, so descriptors stay bounded.
+        Uncompressed: the origins' views in their shards' maps, stacked into ``out`` by
+        one C loop (a random batch touches a shard per origin, so grouping by shard only
+        adds Python work), then one scaling pass. Compressed: each origin decodes into
+        its row of ``out`` on ``threads`` threads. At most ``max_maps`` shards are held at
+        once, so descriptors stay bounded.
         """
-        n = len(origins)
-        if n == 0:
-            return
         if self.verify:
-            for k in range(n):
-                np.copyto(out[k], self.view(int(origins[k])), casting="safe")
+            for k, origin in enumerate(origins.tolist()):
+                self.read_into(origin, out[k], scale)
             return
         local = self._local()
         per_shard = self.layout.origins_per_shard
-        order = np.argsort(origins, kind="stable")
-        sorted_origins = origins[order]
-        shards = sorted_origins // per_shard
-        starts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), n]
-        jobs: list[tuple[_Shard, int, int, int]] = []   # compressed: (shard, row, origin, target)
-        held = 0  # shards the pending jobs point into
-        for a, b in zip(starts[:-1], starts[1:]):
-            shard = int(shards[a])
-            if held >= local.max_maps:
-                self._decode_jobs(local, jobs, out)  # keep no more than max_maps shards in hand
-                jobs, held = [], 0
-            entry = self._shard(local, shard, int(sorted_origins[a]))
-            rows, targets = sorted_origins[a:b] - shard * per_shard, order[a:b]
-            if entry.index is not None:
-                held += 1
-                jobs += zip([entry] * (b - a), rows.tolist(), sorted_origins[a:b].tolist(), targets.tolist())
-            elif rows[-1] - rows[0] == targets[-1] - targets[0] == b - a - 1 and (
-                    b - a == 1 or (np.all(np.diff(rows) == 1) and np.all(np.diff(targets) == 1))):
-                np.copyto(out[targets[0]:targets[0] + b - a], entry.data[rows[0]:rows[0] + b - a],
-                          casting="safe")  # a consecutive run going to consecutive rows
-            else:
-                out[targets] = entry.data[rows]  # gather + scatter in C, casting on the way
-        if jobs:
-            self._decode_jobs(local, jobs, out)
+        if self.layout.codec is None:
+            shards, rows = np.divmod(origins, per_shard)
+            for a in range(0, len(origins), local.max_maps):  # views hold maps: max_maps at a time
+                b = min(a + local.max_maps, len(origins))
+                with local.lock:
+                    views = [self._shard_locked(local, shard, origin).data[row] for shard, row, origin in
+                             zip(shards[a:b].tolist(), rows[a:b].tolist(), origins[a:b].tolist())]
+                np.stack(views, out=out[a:b], casting="safe")
+            if scale != 1.0:
+                out *= out.dtype.type(scale)
+            return
+        jobs: list[tuple[_Shard, int, int, int]] = []   # (shard, row, origin, target)
+        held: set[int] = set()  # shards the pending jobs point into
+        for k, origin in enumerate(origins.tolist()):
+            shard, row = divmod(origin, per_shard)
+            if shard not in held and len(held) >= local.max_maps:
+                self._decode_jobs(local, jobs, out, scale)  # keep no more than max_maps shards in hand
+                jobs, held = [], set()
+            held.add(shard)
+            jobs.append((self._shard(local, shard, origin), row, origin, k))
+        self._decode_jobs(local, jobs, out, scale)
 
-    def _decode_jobs(self, local: _Local, jobs: list, out: np.ndarray) -> None:
-        direct = out.dtype == self.layout.dtype
+    def _decode_jobs(self, local: _Local, jobs: list, out: np.ndarray, scale: float) -> None:
+        direct = out.dtype == self.layout.dtype and scale == 1.0
 
         def run(part: list) -> None:
             scratch = None if direct else self._scratch(local)
@@ -246,7 +254,7 @@ class ShardReader:
                     self._decode_into(entry, row, origin, out[target])
                 else:
                     self._decode_into(entry, row, origin, scratch)
-                    np.copyto(out[target], scratch, casting="safe")
+                    scaled_copy(scratch, out[target], scale)
 
         threads = min(self.threads or default_threads(), len(jobs))
         if threads <= 1:
@@ -288,3 +296,11 @@ class ShardReader:
                 start -= start % mmap.PAGESIZE
                 if stop > start:
                     entry.mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
+
+
+def scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """``out = src * scale`` in out's dtype (a cast copy, then an in-place multiply: 1.3x
+    faster than one mixed-type multiply, whose casts are buffered)."""
+    np.copyto(out, src, casting="safe")
+    if scale != 1.0:
+        out *= out.dtype.type(scale)

@@ -39,6 +39,21 @@ def test_batched_equals_per_item(cache_factory, dtype):
     assert_batch_matches_items(VoxelCacheDataset(cache_factory(dtype), rotate=True, seed=4), indices)
 
 
+@pytest.mark.parametrize("dtype,compression", [("uint8", "none"), ("uint8", "zstd"), ("float16", "none")])
+def test_stored_dtype_batches_times_scale_equal_the_default(cache_factory, dtype, compression):
+    """dequantize=False hands over the stored values; * ds.scale gives the default images."""
+    cache = cache_factory(dtype, compression=compression)
+    default, stored = VoxelCacheDataset(cache), VoxelCacheDataset(cache, dequantize=False)
+    ids = [5, 0, len(default) - 1, 5, 17, 16]
+    batch = stored[ids]["image"]
+    assert batch.dtype == {"uint8": torch.uint8, "float16": torch.float16}[dtype]
+    assert batch.float().sum() > 0 and stored[3]["image"].dtype == batch.dtype
+    want = default[ids]["image"]
+    assert torch.equal(batch.float() * np.float32(stored.scale), want)
+    assert torch.equal(stored[17]["image"], batch[4]) and torch.equal(default[17]["image"], want[4])
+    assert (stored.scale == 1.0) == (dtype == "float16")  # only uint8 is quantized
+
+
 def test_batched_equals_per_item_stored_rotations_verify_and_split(cache_factory, tmp_path):
     rotated = VoxelCacheDataset(cache_factory("float32", rotations=3), seed=2)
     assert_batch_matches_items(rotated, list(range(0, len(rotated), 3)))
