@@ -209,6 +209,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                     centers = listed.get(sid, np.zeros((0, 3)))
                     if len(centers) == 0:
                         raise ParseError(f"no origins for id '{sid}' in the --origins file")
+                    if snap is not None:  # judged where the images will be, not where they were asked for
+                        centers = snap_centers(centers, snap)
                     empty = empty_origins(atoms.xyz, centers, box_half_A)
                 else:
                     centers = pick_origins(atoms.xyz, rule, sha)
@@ -229,7 +231,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                               channel=atoms.channel.astype(np.int8))
             n = len(centers)
             if snap is not None:
-                centers = snap_centers(centers, snap)
+                centers = snap_centers(centers, snap)  # idempotent for listed centres
                 centers = centers[tile_order(centers, snap)]
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),

@@ -11,7 +11,9 @@ second build refuses with a message naming the first.
 A lock left by a build that died (kill -9, a node lost) is taken over when its holder is
 provably gone: on the same host, when that pid is not running (or is another process,
 told apart by its start time); from any host, when the holder has not refreshed the
-file for ``STALE_AFTER_S`` (a live holder touches it every ``HEARTBEAT_S``). Not
+file for ``STALE_AFTER_S`` (a live holder touches it every ``HEARTBEAT_S``). Builds that
+find the same dead lock at once take it over one at a time (a second exclusive file
+guards judging and removing it), so exactly one proceeds. Not
 covered: filesystems without atomic exclusive create (NFSv2, some FUSE/object-store
 mounts such as s3fs): there two builds started within the same instant may both proceed.
 """
@@ -71,7 +73,7 @@ class BuildLock:
 
     def __enter__(self) -> "BuildLock":
         me = {**_me(), "what": self.what}
-        for _ in range(3):
+        for _ in range(100):  # retries only while another process is mid-takeover (~ms each)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)  # as the build would for --out
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -90,7 +92,30 @@ class BuildLock:
         raise LockedError(f"{self.path}: cannot take the build lock (it keeps reappearing)")
 
     def _take_over_if_stale(self) -> None:
-        """Remove a dead holder's lock (the caller retries the create), else raise LockedError."""
+        """Remove a dead holder's lock (the caller retries the create), else raise LockedError.
+
+        Judging and removing are two steps, so they run under a second exclusive file,
+        ``<lock>.takeover``: otherwise a racer that judged the dead holder's file could
+        delete the fresh lock of the racer that removed it first.
+        """
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # someone else is taking over; a guard this old lost its owner
+            try:
+                if time.time() - guard.stat().st_mtime > HEARTBEAT_S:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+            return
+        try:
+            self._judge_and_remove()
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
+
+    def _judge_and_remove(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
             holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")

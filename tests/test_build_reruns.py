@@ -78,3 +78,30 @@ def test_sigint_to_the_process_group_is_one_line_and_info_shows_failures_so_far(
     assert info.returncode == 0, info.stderr
     assert "INCOMPLETE" in info.stdout and "2 ok, 1 failed (of 3 inputs)" in info.stdout, info.stdout
     assert f"failed:     {bad}: small-molecule CIF" in info.stdout
+
+
+def test_empty_origins_are_judged_at_the_snapped_centre(tmp_path):
+    """--origins rows on a ray leaving 1aa5's outermost atom (5 to 7 Å, 0.1 Å apart) cross the
+    image's edge; snapping moves each by up to 0.5 Å. The rows reported empty must be exactly
+    the stored images that are all zeros."""
+    import numpy as np
+
+    from cache_tools import format as fmt
+    from cache_tools.dataset import VoxelCacheDataset
+    from pipeline.build import build_cache
+    from pipeline.parse import parse_atoms, parse_channels
+
+    from conftest import small_params
+
+    xyz = parse_atoms(DATA / "1aa5.cif.gz", parse_channels("C,N,O,*")).xyz
+    edge = xyz[np.argmax(xyz[:, 0])]
+    rows = [(edge[0] + d, edge[1], edge[2]) for d in np.arange(5.0, 7.0, 0.1)]
+    listed = tmp_path / "origins.csv"
+    listed.write_text("".join(f"1aa5,{x},{y},{z}\n" for x, y, z in rows))
+    out = tmp_path / "c.zarr"
+    build_cache([str(DATA / "1aa5.cif.gz")], out, small_params(origins_file=str(listed)), workers=1,
+                progress=False, log=lambda *a: None)
+    ds = VoxelCacheDataset(out)
+    zero = sum(int(ds[i]["image"].max() == 0) for i in range(len(ds)))
+    (note,) = [e["reason"] for e in fmt.read_attrs(out)["empty"]]
+    assert 0 < zero < len(rows) and note.startswith(f"{zero} of {len(rows)} --origins rows are empty images")

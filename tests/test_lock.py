@@ -80,3 +80,31 @@ def test_two_cli_builds_at_once(tmp_path):
     with pytest.raises(InputError, match="another build"):
         with BuildLock(out):
             build_cache([str(DATA / "1c58.cif.gz")], out, small_params(), workers=1, progress=False)
+
+
+RACE = ("import sys, time; from pipeline.lock import BuildLock, LockedError\n"
+        "go = float(sys.argv[2])\n"
+        "while time.time() < go: pass\n"
+        "try:\n"
+        "    with BuildLock(sys.argv[1]):\n"
+        "        print('won', flush=True); time.sleep(1.5)\n"
+        "except LockedError:\n"
+        "    print('refused', flush=True)\n")
+
+
+def test_racing_takeovers_of_a_dead_lock_leave_one_winner(tmp_path):
+    """Six builds find the same dead holder's lock at the same instant: exactly one proceeds.
+    (Removing the stale file and creating one's own is two steps: without a guard, a slower
+    racer deletes the winner's fresh lock as the stale one it read.)"""
+    out = tmp_path / "c.zarr"
+    for round_ in range(4):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        lock_path(out).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                              "pid_started": 0.0, "started": "then"}))
+        go = time.time() + 1.0
+        racers = [subprocess.Popen([sys.executable, "-c", RACE, str(out), str(go)], stdout=subprocess.PIPE,
+                                   text=True) for _ in range(6)]
+        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+        assert outcomes == ["refused"] * 5 + ["won"], (round_, outcomes)
+        assert not lock_path(out).exists()
