@@ -4,15 +4,19 @@ A :class:`ShardReader` is small and picklable; everything it opens lives in a
 per-process :class:`_Local`, created on first use in each process (after a fork or
 an unpickle), never in the constructor, so a DataLoader worker never inherits maps.
 
-Bounded resources whatever the shard count: shards are memory-mapped on demand and
-kept in an LRU of at most ``max_maps`` maps (Python 3.11's mmap keeps a dup'd file
-descriptor per map, so this also bounds descriptors). An evicted map is never closed
-by hand: dropping the reference unmaps it once the last numpy view into it is gone.
+Bounded resources whatever the shard count: shards are opened on demand and kept in
+an LRU of at most ``max_maps`` (one descriptor each: Python 3.11's mmap keeps a dup'd
+one per map). An evicted shard is never closed by hand: dropping the reference
+unmaps (or closes) it once the last view into it (or a batch's pending decode) is gone.
 
-Compressed origins (``--compression zstd``) are decoded from the mapped shard, at the
-offset and length the (mapped) zarr shard index gives, straight into the caller's
-buffer, or through one scratch buffer per thread when a cast is needed. Batches decode
-on a few threads (numcodecs' zstd releases the GIL), created lazily per process.
+Uncompressed shards are memory-mapped: an image is a zero-copy view of the page cache.
+Compressed origins (``--compression zstd``) are read with two ``pread`` calls (the
+origin's 16-byte zarr shard index entry, then its frame) and decoded straight into
+the caller's buffer, or through one scratch buffer per thread when a cast is needed;
+the page cache is shared just the same, and a shard costs a descriptor, not a map
+(7x cheaper to open and drop, which a random read at PDB scale does most times).
+Batches decode on a few threads (pread and numcodecs' zstd release the GIL), created
+lazily per process.
 """
 from __future__ import annotations
 
@@ -45,12 +49,27 @@ def default_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+class _Descriptor:
+    """An open shard file, closed when the last reference goes (an evicted shard may still
+    be read by a batch's decode threads, as an evicted map stays valid under its views)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class _Shard:
-    """One mapped shard: the map, its origins (uncompressed) or raw bytes and index (compressed)."""
-    mm: mmap.mmap
-    data: np.ndarray            # (n, *image_shape) stored dtype, or (size,) uint8 when compressed
-    index: np.ndarray | None    # (S, 2) uint64 (offset, nbytes) when compressed
+    """One open shard. Uncompressed: its map and its origins as an array (views are the
+    images). Compressed: its descriptor and where its index starts; origins are read
+    with pread, not mapped: a map costs ~190 µs to make and drop, 7x a descriptor's, and
+    at PDB scale a random read opens a shard most times (BENCHMARKS.md)."""
+    data: np.ndarray | None             # (n, *image_shape) stored dtype, uncompressed
+    mm: mmap.mmap | None = None         # uncompressed: the map under data
+    file: _Descriptor | None = None     # compressed
+    index_start: int = 0                # compressed: bytes before the (S, 2) uint64 index
 
 
 @dataclass
@@ -76,6 +95,7 @@ class ShardReader:
         self.threads = threads
         self._decode = fmt.decoder(layout.codec)
         self._state: _Local | None = None
+        self._chunk_dir: tuple[str, str] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None, "_decode": None}
@@ -93,7 +113,7 @@ class ShardReader:
         return state
 
     def open_maps(self) -> int:
-        """Shards mapped by this process now (at most ``max_maps``)."""
+        """Shards this process holds open now, mapped or (compressed) by a descriptor (at most ``max_maps``)."""
         return len(self._local().maps)
 
     # --- maps ----------------------------------------------------------------------------
@@ -115,28 +135,40 @@ class ShardReader:
 
     def _map(self, shard: int, origin: int) -> _Shard:
         layout = self.layout
-        path = layout.shard_path(shard)
+        path = self._paths(shard)
         where = f"{layout.root}: origin {origin}: shard file {path}"
         try:
-            with open(path, "rb") as fh:  # the map keeps its own descriptor; this one closes
-                size = os.fstat(fh.fileno()).st_size
-                mm = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if size else None
+            if layout.codec is not None:
+                file = _Descriptor(path)
+                size = os.fstat(file.fd).st_size
+            else:
+                with open(path, "rb") as fh:  # the map keeps its own descriptor; this one closes
+                    size = os.fstat(fh.fileno()).st_size
+                    mm = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if size else None
         except FileNotFoundError:
             raise fmt.CacheError(f"{where} is missing") from None
+        if layout.codec is not None:
+            index_start = size - 16 * layout.origins_per_shard
+            if index_start < 0:
+                raise fmt.CacheError(f"{where}: {fmt.index_problem(layout, shard, None, size)} "
+                                     "(damaged cache; run cache-tools check)")
+            # Entries are checked as they are read (_decode_into), not all here: at PDB scale
+            # a random read opens a shard most times, and checking 7k entries cost 3x the read.
+            return _Shard(None, file=file, index_start=index_start)
+        if size != layout.shard_nbytes(shard):
+            raise fmt.CacheError(f"{where} is truncated or damaged ({size} bytes, expected "
+                                 f"{layout.shard_nbytes(shard)})")
         n = layout.origins_in_shard(shard)
-        if layout.codec is None:
-            if size != layout.shard_nbytes(shard):
-                raise fmt.CacheError(f"{where} is truncated or damaged ({size} bytes, expected "
-                                     f"{layout.shard_nbytes(shard)})")
-            count = n * layout.origin_nbytes // layout.dtype.itemsize
-            data = np.frombuffer(mm, dtype=layout.dtype, count=count).reshape(n, *layout.image_shape)
-            return _Shard(mm, data, None)
-        data = np.frombuffer(mm, dtype=np.uint8) if mm is not None else np.zeros(0, np.uint8)
-        index = fmt.shard_index_of(layout, data)
-        problem = fmt.index_problem(layout, shard, index, size)
-        if problem:
-            raise fmt.CacheError(f"{where}: {problem} (damaged cache; run cache-tools check)")
-        return _Shard(mm, data, index)
+        count = n * layout.origin_nbytes // layout.dtype.itemsize
+        return _Shard(np.frombuffer(mm, dtype=layout.dtype, count=count).reshape(n, *layout.image_shape), mm)
+
+    def _paths(self, shard: int) -> str:
+        """The shard's file name, as a string (pathlib costs ~20 µs a call here)."""
+        if self._chunk_dir is None:  # ".../voxels/c/" and "/0/0/0/0" (one more /0 with rotations)
+            first = os.fspath(self.layout.shard_path(0))
+            cut = first.rindex(os.sep + "c" + os.sep) + 3
+            self._chunk_dir = (first[:cut], first[cut + 1:])
+        return f"{self._chunk_dir[0]}{shard}{self._chunk_dir[1]}"
 
     # --- one origin ------------------------------------------------------------------------
 
@@ -149,7 +181,7 @@ class ShardReader:
         local = self._local()
         shard, j = divmod(origin, self.layout.origins_per_shard)
         entry = self._shard(local, shard, origin)
-        if entry.index is None:
+        if entry.file is None:
             stored = entry.data[j]
         else:
             stored = self._scratch(local)
@@ -167,7 +199,7 @@ class ShardReader:
             return
         shard, j = divmod(origin, self.layout.origins_per_shard)
         entry = self._shard(local, shard, origin)
-        if entry.index is None:
+        if entry.file is None:
             scaled_copy(entry.data[j], out, scale)
         elif out.dtype == self.layout.dtype and out.flags.c_contiguous and scale == 1.0:
             self._decode_into(entry, j, origin, out)
@@ -187,17 +219,21 @@ class ShardReader:
         return buf
 
     def _decode_into(self, entry: _Shard, j: int, origin: int, out: np.ndarray) -> None:
-        offset, nbytes = entry.index[j]
+        fd = entry.file.fd
+        offset, nbytes = np.frombuffer(os.pread(fd, 16, entry.index_start + 16 * j), "<u8").tolist()
         if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
             out[...] = 0
             return
+        path = self._paths(origin // self.layout.origins_per_shard)
+        if offset + nbytes > entry.index_start:
+            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: shard file {path}: its index entry "
+                                 f"points past the data (offset {offset}, {nbytes} bytes, data ends at "
+                                 f"{entry.index_start}); truncated or damaged (run cache-tools check)")
         try:
-            self._decode(entry.data[int(offset):int(offset + nbytes)], out)
+            self._decode(os.pread(fd, nbytes, offset), out)
         except (RuntimeError, ValueError) as exc:
-            raise fmt.CacheError(
-                f"{self.layout.root}: origin {origin}: compressed bytes in "
-                f"{self.layout.shard_path(origin // self.layout.origins_per_shard)} do not decode "
-                f"({exc}; damaged cache, run cache-tools check)") from None
+            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {path} do not "
+                                 f"decode ({exc}; damaged cache, run cache-tools check)") from None
 
     def _check_crc(self, local: _Local, origin: int, stored: np.ndarray) -> None:
         if zlib.crc32(stored) != int(local.crc[origin]):
@@ -269,7 +305,8 @@ class ShardReader:
             f.result()
 
     def prefetch(self, sorted_origins: np.ndarray) -> None:
-        """Ask the kernel to read these origins' bytes now, in parallel (MADV_WILLNEED).
+        """Ask the kernel to read these origins' bytes now, in parallel (MADV_WILLNEED, or
+        POSIX_FADV_WILLNEED on a compressed shard's descriptor).
 
         The kernel reads exactly these ranges, at once, instead of faulting page by page
         with 128 KiB of read-around each time, which floods a memory-capped page cache
@@ -286,16 +323,23 @@ class ShardReader:
                 lo = max(first, shard * per_shard) - shard * per_shard
                 hi = min(last, shard * per_shard + per_shard - 1) - shard * per_shard + 1
                 entry = self._shard(local, shard, shard * per_shard + lo)
-                if entry.index is None:
+                if entry.file is None:
                     start, stop = lo * nbytes, hi * nbytes
                 else:
-                    present = entry.index[lo:hi][entry.index[lo:hi, 0] != fmt.EMPTY_INDEX_ENTRY]
+                    index = np.frombuffer(os.pread(entry.file.fd, 16 * (hi - lo), entry.index_start + 16 * lo),
+                                          "<u8").reshape(-1, 2)
+                    present = index[index[:, 0] != fmt.EMPTY_INDEX_ENTRY]
                     if not len(present):
                         continue
-                    start, stop = int(present[:, 0].min()), int((present[:, 0] + present[:, 1]).max())
+                    start, stop = int(present[:, 0].min()), min(int((present[:, 0] + present[:, 1]).max()),
+                                                                 entry.index_start)
                 start -= start % mmap.PAGESIZE
-                if stop > start:
+                if stop <= start:
+                    continue
+                if entry.file is None:
                     entry.mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
+                else:
+                    os.posix_fadvise(entry.file.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
 
 
 def scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:
