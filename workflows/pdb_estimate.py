@@ -114,7 +114,9 @@ def main(argv=None) -> int:
           f"per structure, {m['voxelize_s_per_origin'] * 1e3:.1f} ms voxelize per origin image")
     print(f"\nPDB scale ({args.entries:,} entries, default parameters):")
     print(f"  origins:            {n / 1e6:.1f} M")
-    print(f"  build:              {core_h:,.0f} core-hours (e.g. {core_h / 640:.1f} h on 20 nodes x 32 cores)")
+    wall_min = core_h / 640 * 60
+    print(f"  build:              {core_h:,.0f} core-hours (e.g. {wall_min:.0f} min on 20 nodes x 32 cores, "
+          "plus reading the inputs)")
     print(f"                      measured at load average {m['load_average']:.1f} on {os.cpu_count()} cores: "
           "timings grow with machine load, so measure on an idle machine")
     codec = f"{fmt.DEFAULT_COMPRESSION} {fmt.DEFAULT_COMPRESSION_LEVEL}"
