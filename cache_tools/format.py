@@ -51,12 +51,14 @@ Every metadata array is a single uncompressed chunk, so it is one raw file too.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import secrets
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -141,17 +143,60 @@ def single_chunk_path(root: str | os.PathLike, name: str, ndim: int) -> Path:
     return Path(root, name, "c", *(["0"] * ndim))
 
 
-# --- small json helpers ----------------------------------------------------------------
+# --- crash-safe writes ------------------------------------------------------------------
+
+# Every file of a cache is written by `publish`, through a temporary ".NAME.tmp-PID-XXXXXXXX"
+# beside NAME (the same directory, so the rename is atomic); `remove_temporaries` knows
+# exactly this name, and nothing else writes into a cache.
+_TEMPORARY = re.compile(r"\..+\.tmp-\d+-[0-9a-f]{8}")
+
+
+def publish(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` so that readers, and a crash at any instant, see the old
+    file or the new one, never part of one: a temporary, fsync, rename, fsync of the directory.
+
+    A write that fails removes its temporary; a killed one leaves it for ``remove_temporaries``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(root: str | os.PathLike) -> int:
+    """Delete what killed ``publish`` calls left under ``root``; returns how many.
+
+    Only while nobody else writes the cache (a build holds its lock).
+    """
+    removed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if _TEMPORARY.fullmatch(name):
+                Path(dirpath, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    publish(path, [json.dumps(obj, indent=1, sort_keys=False).encode("utf-8")])
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -499,14 +544,7 @@ def write_array(root: str | os.PathLike, name: str, data: np.ndarray) -> None:
         gpath = Path(root, parent, "zarr.json")
         if not gpath.exists():
             write_json_atomic(gpath, group_metadata())
-    chunk = single_chunk_path(root, name, data.ndim)
-    chunk.parent.mkdir(parents=True, exist_ok=True)
-    tmp = chunk.with_name(f".{chunk.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data.tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, chunk)
+    publish(single_chunk_path(root, name, data.ndim), [data.tobytes()])
     write_json_atomic(adir / "zarr.json", array_metadata(data.shape, data.dtype.name))
 
 

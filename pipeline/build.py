@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -397,7 +396,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     summary = BuildSummary(out=str(root))
     summary.resumed = _prepare_store(root, fingerprint, overwrite)
     if summary.resumed:
-        _remove_stale_temporaries(root)
+        fmt.remove_temporaries(root)  # of writes a crash interrupted: they may fill a disk
     attrs = fmt.read_attrs(root)
     if attrs.get("complete"):
         summary.already_complete = True
@@ -441,6 +440,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         t_end = time.time()
 
     # Publish: checksums, then the completion flag, then drop the build state.
+    fmt.remove_temporaries(root)  # of tasks whose worker died mid-write (their task ran again)
     done = [write.read_done(root, s) for s in range(layout.n_shards)]
     fmt.write_array(root, fmt.CRC32, np.concatenate([crc for crc, _ in done]))
     saturated = sum(sat for _, sat in done)
@@ -623,19 +623,6 @@ def _run_task(task, *args):
     except OSError as exc:
         return _TaskOSError(exc.errno, exc.strerror or str(exc),
                             None if exc.filename is None else os.fsdecode(exc.filename))
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """Remove ``.NAME.tmp-PID`` files a metadata write left when it failed (e.g. disk full).
-
-    They are fmt.write_json_atomic / fmt.write_array temporaries, named by the dead
-    process's pid, so no later write replaces them; .build/ is cleaned up on its own.
-    """
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != fmt.BUILD_DIR]
-        for name in files:
-            if re.fullmatch(r"\..+\.tmp-\d+", name):
-                Path(dirpath, name).unlink(missing_ok=True)
 
 
 def _run(futures, *, total: int, initial: int, desc: str, unit: str, progress: bool, weight):

@@ -1,8 +1,8 @@
 """Crash-safe writes into a cache under construction.
 
-Everything a task writes goes to a temporary name and is published with
-``os.replace``, data before the marker that says it is done, so a build killed at
-any instant leaves only finished files or ignorable temporaries, and a rerun
+Everything a task writes is published with ``fmt.publish`` (a temporary, fsync,
+rename), data before the marker that says it is done, so a build killed at any
+instant leaves only finished files or temporaries the rerun removes, and the rerun
 redoes exactly the unfinished work.
 
 Build state lives in ``CACHE/.build/``:
@@ -13,8 +13,8 @@ Build state lives in ``CACHE/.build/``:
 """
 from __future__ import annotations
 
+import io
 import os
-import uuid
 import zlib
 from pathlib import Path
 
@@ -27,48 +27,11 @@ def build_dir(root: str | os.PathLike, *parts: str) -> Path:
     return Path(root, fmt.BUILD_DIR, *parts)
 
 
-def _tmp_name(path: Path) -> Path:
-    """A unique temporary name in the store's .build/tmp (same filesystem, so rename is atomic).
-
-    Keeping temporaries out of the published tree means a killed writer never leaves
-    litter among the chunk files; the build removes .build/ when it completes.
-    """
-    for parent in path.parents:
-        if (parent / fmt.BUILD_DIR).is_dir():
-            tmp_dir = parent / fmt.BUILD_DIR / "tmp"
-            tmp_dir.mkdir(exist_ok=True)
-            return tmp_dir / f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    raise FileNotFoundError(f"{path}: not inside a cache under construction (no {fmt.BUILD_DIR}/)")
-
-
-def publish_bytes(path: Path, chunks) -> None:
-    """Write an iterable of byte buffers to ``path`` atomically (fsync, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def publish_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """np.savez to ``path``, crash-safely (fmt.publish)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fmt.publish(path, [buf.getbuffer()])
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -143,7 +106,7 @@ def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lam
             raise ValueError(f"shard {shard}: {count} origins written, expected {len(crcs)}")
         yield layout.shard_index(shard, sizes).tobytes()
 
-    publish_bytes(layout.shard_path(shard), chunks())
+    fmt.publish(layout.shard_path(shard), chunks())
     publish_npz(done_path(layout.root, shard), crc32=crcs, saturated=np.int64(saturated()))
     return crcs
 
