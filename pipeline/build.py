@@ -16,14 +16,10 @@ after a crash resumes, and ends with the same bytes an uninterrupted run writes.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
-import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +30,8 @@ import numpy as np
 import pipeline
 from cache_tools import format as fmt
 from pipeline import metadata, write
+from pipeline.cluster import dask_client, peak_rss_bytes, reset_peak_rss, run_task, wait_all
+from pipeline.errors import BuildError, InputError  # noqa: F401  (re-exported: the CLI and tests use them)
 from pipeline.origins import OriginRule, pick_origins, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
 from pipeline.lock import BuildLock, LockedError
@@ -42,21 +40,6 @@ from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
 SCAN_BATCH = 4  # at most this many files per scan task: amortizes task overhead, keeps the bar lively
-
-
-class BuildError(Exception):
-    """The build cannot finish; str() is a one-line reason (exit code 1).
-
-    ``failures`` lists the inputs that failed ({path, id, reason}), for the caller to show.
-    """
-
-    def __init__(self, message: str, failures: list[dict] | None = None):
-        super().__init__(message)
-        self.failures = failures or []
-
-
-class InputError(BuildError):
-    """The request itself is wrong: a missing path, a conflicting --out (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -328,29 +311,6 @@ def plan_write_tasks(pending: list[int], per_shard: int, n_origins: int, ranges:
     return tasks
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window for this process (Linux: clear_refs 5 resets VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass  # elsewhere the peak is the process's lifetime peak
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since reset_peak_rss (the task's, on a worker)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # --- orchestration ----------------------------------------------------------------------
 
 def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, *,
@@ -402,7 +362,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         summary.already_complete = True
         return _summarize(root, attrs, summary, started)
 
-    with _dask_client(workers, scheduler) as client:
+    with dask_client(workers, scheduler) as client:
         # Phase 1: scan.
         t_scan = time.time()
         todo = [(i, str(src), ids[i]) for i, src in enumerate(sources)
@@ -412,10 +372,10 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         batches = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
         box_half = params.image.grid_voxels * params.image.resolution_A / 2 + params.image.atom_radius_A
-        futures = [client.submit(_run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
+        futures = [client.submit(run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
                                  None if params.exact_centers else params.image, box_half, pure=False)
                    for b in batches]
-        scanned = _run(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
+        scanned = wait_all(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
                        unit="file", progress=progress, weight=lambda r: len(r[0]))
 
         # Layout: origin ids from scan results in input order.
@@ -431,11 +391,11 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         pending_origins = sum(layout.origins_in_shard(s) for s in pending)
         tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table["ranges"],
                                  target_origins=-(-pending_origins // (8 * workers)))
-        futures = [client.submit(_run_task, write_task, str(root), shards, _pieces(table, layout, shards),
+        futures = [client.submit(run_task, write_task, str(root), shards, _pieces(table, layout, shards),
                                  params.image, params.storage, params.rotations, None, not params.exact_centers,
                                  pure=False) for shards in tasks]
         done_origins = layout.n_origins - pending_origins
-        written = _run(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
+        written = wait_all(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
                        unit="origin", progress=progress, weight=lambda r: r[1])
         t_end = time.time()
 
@@ -605,116 +565,6 @@ def _pieces(table: dict, layout: fmt.VoxelLayout, shards: list[int]) -> list[tup
         if start < stop:
             pieces.append((table["file_index"][k], start, stop))
     return pieces
-
-
-@dataclass(frozen=True)
-class _TaskOSError:
-    """An OSError of a task (a full disk, a store that became unwritable), returned, not raised:
-    raised, dask would log its traceback on the worker, i.e. on the terminal of a local build."""
-
-    errno: int | None
-    strerror: str
-    filename: str | None
-
-
-def _run_task(task, *args):
-    try:
-        return task(*args)
-    except OSError as exc:
-        return _TaskOSError(exc.errno, exc.strerror or str(exc),
-                            None if exc.filename is None else os.fsdecode(exc.filename))
-
-
-def _run(futures, *, total: int, initial: int, desc: str, unit: str, progress: bool, weight):
-    """Wait for futures with a tqdm bar; a task error aborts the build with its message."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    results = []
-    with tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress,
-              dynamic_ncols=True, smoothing=0.1) as bar:
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception as exc:
-                for f in futures:
-                    f.cancel()
-                raise BuildError(f"{desc} task failed: {type(exc).__name__}: {exc}") from exc
-            if isinstance(result, _TaskOSError):  # e.g. a full disk: the caller says "rerun to resume"
-                for f in futures:
-                    f.cancel()
-                raise OSError(result.errno, result.strerror, result.filename)
-            results.append(result)
-            bar.update(weight(result))
-    return results
-
-
-class _dask_client:
-    """A Client on ``scheduler`` (address or DASK_SCHEDULER_ADDRESS), else a LocalCluster."""
-
-    def __init__(self, workers: int | None, scheduler: str | None):
-        self.workers = workers
-        self.scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-        self.cluster = None
-        self.client = None
-
-    def __enter__(self):
-        from distributed import Client, LocalCluster
-
-        if self.scheduler:
-            try:
-                # The connect timeout is dask's own setting (distributed.comm.timeouts.connect).
-                self.client = Client(self.scheduler)
-            except (OSError, TimeoutError) as exc:
-                raise BuildError(f"cannot connect to dask scheduler {self.scheduler}: {exc}") from None
-            return self.client
-        n = self.workers or max(1, os.cpu_count() or 1)
-        # No dashboard; the scheduler's small HTTP server (health, metrics) still starts, so
-        # give it any free local port: its default, 8787, prints a warning when taken.
-        # Ctrl-C goes to the whole process group: workers ignore it (pipeline.worker_setup, run
-        # as each worker starts), so only this process stops, and it shuts the cluster down,
-        # instead of each worker dying with a page of tracebacks.
-        try:
-            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR,
-                                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                                        preload=["pipeline.worker_setup"])
-            self.client = Client(self.cluster)
-        except KeyboardInterrupt:
-            self.__exit__(KeyboardInterrupt, None, None)
-            raise
-        return self.client
-
-    def __exit__(self, exc_type, *exc):
-        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-        if interrupted:  # closing with tasks in flight logs cancelled comms: expected, so unsaid
-            logging.getLogger("distributed").setLevel(logging.CRITICAL)
-        if self.cluster is not None:  # the outcome is decided; shutdown races are not news
-            with contextlib.suppress(Exception):
-                self.client.run(_quiet_worker_logs)
-        with _sigint_ignored() if interrupted else contextlib.nullcontext():  # a second Ctrl-C: still quiet
-            if self.client is not None:
-                self.client.close()
-            if self.cluster is not None:
-                self.cluster.close()
-        return False
-
-
-def _quiet_worker_logs() -> None:
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
-
-
-@contextlib.contextmanager
-def _sigint_ignored():
-    """SIGINT ignored inside (the main thread only may change handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -> BuildSummary:
