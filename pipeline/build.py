@@ -376,27 +376,28 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
                                  None if params.exact_centers else params.image, box_half, pure=False)
                    for b in batches]
         scanned = wait_all(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
-                       unit="file", progress=progress, weight=lambda r: len(r[0]))
+                           unit="file", progress=progress, weight=lambda r: len(r[0]))
 
         # Layout: origin ids from scan results in input order.
         table = _collect_scan(root, sources, ids, params.keep_duplicates)
-        if table["n_origins"] == 0:
-            raise BuildError(f"no origins in any input: all {len(table['failures'])} files failed; "
-                             "nothing to build", failures=table["failures"])
+        if table.n_origins == 0:
+            raise BuildError(f"no origins in any input: all {len(table.failures)} files failed; "
+                             "nothing to build", failures=table.failures)
         layout = _write_layout(root, params, table)
 
         # Phase 2: write shards.
         t_write = time.time()
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
         pending_origins = sum(layout.origins_in_shard(s) for s in pending)
-        tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table["ranges"],
+        tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table.ranges,
                                  target_origins=-(-pending_origins // (8 * workers)))
-        futures = [client.submit(run_task, write_task, str(root), shards, _pieces(table, layout, shards),
+        futures = [client.submit(run_task, write_task, str(root), shards,
+                                 shard_pieces(table.ranges, table.file_index, layout, shards),
                                  params.image, params.storage, params.rotations, None, not params.exact_centers,
                                  pure=False) for shards in tasks]
         done_origins = layout.n_origins - pending_origins
         written = wait_all(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
-                       unit="origin", progress=progress, weight=lambda r: r[1])
+                           unit="origin", progress=progress, weight=lambda r: r[1])
         t_end = time.time()
 
     # Publish: checksums, then the completion flag, then drop the build state.
@@ -406,7 +407,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     saturated = sum(sat for _, sat in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
-        root, complete=True, failures=table["failures"], duplicates=table["duplicates"], empty=table["empty"],
+        root, complete=True, failures=table.failures, duplicates=table.duplicates, empty=table.empty,
         metadata_crc32=fmt.metadata_checksums(root),
         build={**(attrs.get("build") or {}),
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -486,36 +487,57 @@ def describe_changes(before: dict, now: dict) -> str:
     return "; ".join(parts) or "parameters differ"
 
 
-def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicates: bool = False) -> dict:
-    ok_index, centers, n_atoms, shas, failures, meta, entries, duplicates, empty = [], [], [], [], [], [], [], [], []
+@dataclass
+class ScanTable:
+    """The scan's outcome in input order: the structures kept (one row each) and the inputs left out."""
+
+    file_index: list[int] = field(default_factory=list)   # input file of each structure
+    ids: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    entry_ids: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)       # hex
+    n_atoms: list[int] = field(default_factory=list)
+    centers: list[np.ndarray] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)        # metadata.scan_fields of each
+    failures: list[dict] = field(default_factory=list)    # {path, id, reason}
+    duplicates: list[dict] = field(default_factory=list)  # {path, id, same_as}
+    empty: list[dict] = field(default_factory=list)       # {path, id, reason}
+    ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) origins
+
+    @property
+    def n_origins(self) -> int:
+        return int(self.ranges[-1, 1]) if len(self.ranges) else 0
+
+
+def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicates: bool = False) -> ScanTable:
+    table = ScanTable()
     first_with: dict[str, int] = {}  # content sha256 -> first input with it
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
         if "reason" in res:
-            failures.append({"path": str(src), "id": ids[i], "reason": str(res["reason"])})
+            table.failures.append({"path": str(src), "id": ids[i], "reason": str(res["reason"])})
             continue
         sha = str(res["sha256"])
         if sha in first_with and not keep_duplicates:  # same bytes: the same images again
-            duplicates.append({"path": str(src), "id": ids[i], "same_as": ids[first_with[sha]]})
+            table.duplicates.append({"path": str(src), "id": ids[i], "same_as": ids[first_with[sha]]})
             continue
         first_with.setdefault(sha, i)
         if str(res.get("empty_origins", "")):
-            empty.append({"path": str(src), "id": ids[i], "reason": str(res["empty_origins"])})
-        entries.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
-                       else fmt.entry_id_from_name(ids[i]))
-        ok_index.append(i)
-        centers.append(res["centers"])
-        n_atoms.append(int(res["n_atoms"]))
-        shas.append(str(res["sha256"]))
-        meta.append({k: v for k, v in res.items() if k.startswith("meta_")})
-    counts = np.array([len(c) for c in centers], dtype=np.int64)
+            table.empty.append({"path": str(src), "id": ids[i], "reason": str(res["empty_origins"])})
+        table.entry_ids.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
+                               else fmt.entry_id_from_name(ids[i]))
+        table.file_index.append(i)
+        table.ids.append(ids[i])
+        table.paths.append(str(src))
+        table.centers.append(res["centers"])
+        table.n_atoms.append(int(res["n_atoms"]))
+        table.sha256.append(sha)
+        table.meta.append({k: v for k, v in res.items() if k.startswith("meta_")})
+    counts = np.array([len(c) for c in table.centers], dtype=np.int64)
     stops = np.cumsum(counts)
-    return {"file_index": ok_index, "centers": centers, "n_atoms": n_atoms, "sha256": shas,
-            "ranges": np.stack([stops - counts, stops], axis=1) if len(counts) else np.zeros((0, 2), np.int64),
-            "n_origins": int(counts.sum()), "failures": failures, "meta": meta, "duplicates": duplicates,
-            "empty": empty,
-            "entry_ids": entries,
-            "ids": [ids[i] for i in ok_index], "paths": [str(sources[i]) for i in ok_index]}
+    if len(counts):
+        table.ranges = np.stack([stops - counts, stops], axis=1)
+    return table
 
 
 def origins_per_shard(n_origins: int, origin_nbytes: int) -> int:
@@ -523,23 +545,23 @@ def origins_per_shard(n_origins: int, origin_nbytes: int) -> int:
     return max(1, min(TARGET_SHARD_BYTES // origin_nbytes, -(-n_origins // 64)))
 
 
-def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayout:
-    n = table["n_origins"]
+def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
+    n = table.n_origins
     image_shape = params.image.shape if params.rotations == 1 else (params.rotations, *params.image.shape)
     origin_nbytes = int(np.prod(image_shape)) * np.dtype(params.storage.dtype).itemsize
     per_shard = params.origins_per_shard or origins_per_shard(n, origin_nbytes)
-    structure_index = np.repeat(np.arange(len(table["ids"]), dtype=np.int32),
-                                table["ranges"][:, 1] - table["ranges"][:, 0])
-    fmt.write_array(root, fmt.CENTER, np.concatenate(table["centers"]).astype(np.float32))
+    structure_index = np.repeat(np.arange(len(table.ids), dtype=np.int32),
+                                table.ranges[:, 1] - table.ranges[:, 0])
+    fmt.write_array(root, fmt.CENTER, np.concatenate(table.centers).astype(np.float32))
     fmt.write_array(root, fmt.STRUCTURE_INDEX, structure_index)
-    fmt.write_ragged_strings(root, fmt.STRUCTURE_ID, table["ids"])
-    fmt.write_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH, table["paths"])
-    fmt.write_ragged_strings(root, fmt.STRUCTURE_ENTRY_ID, table["entry_ids"])
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_ID, table.ids)
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH, table.paths)
+    fmt.write_ragged_strings(root, fmt.STRUCTURE_ENTRY_ID, table.entry_ids)
     fmt.write_array(root, fmt.STRUCTURE_SHA256,
-                    np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table["sha256"]]))
-    fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table["n_atoms"], dtype=np.int32))
-    fmt.write_array(root, fmt.STRUCTURE_ORIGIN_RANGE, table["ranges"].astype(np.int64))
-    metadata.write_columns(root, table["meta"])
+                    np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table.sha256]))
+    fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table.n_atoms, dtype=np.int32))
+    fmt.write_array(root, fmt.STRUCTURE_ORIGIN_RANGE, table.ranges.astype(np.int64))
+    metadata.write_columns(root, table.meta)
     if params.rotations > 1:
         mats = np.stack([origin_rotations(params.rule.seed, o, params.rotations) for o in range(n)])
         fmt.write_array(root, fmt.ROTATION, mats.astype(np.float32))
@@ -551,11 +573,12 @@ def _write_layout(root: Path, params: BuildParams, table: dict) -> fmt.VoxelLayo
     return fmt.VoxelLayout(root)
 
 
-def _pieces(table: dict, layout: fmt.VoxelLayout, shards: list[int]) -> list[tuple[int, int, int]]:
-    """(file index, start, stop) runs of the structures that overlap consecutive shards."""
+def shard_pieces(ranges: np.ndarray, file_index, layout: fmt.VoxelLayout,
+                 shards: list[int]) -> list[tuple[int, int, int]]:
+    """write_task's pieces: (file index, start, stop) runs of the structures (``ranges``,
+    whose atoms are saved under ``file_index``) that overlap consecutive shards."""
     lo = shards[0] * layout.origins_per_shard
     hi = shards[-1] * layout.origins_per_shard + layout.origins_in_shard(shards[-1])
-    ranges = table["ranges"]
     first = int(np.searchsorted(ranges[:, 1], lo, side="right"))
     pieces = []
     for k in range(first, len(ranges)):
@@ -563,7 +586,7 @@ def _pieces(table: dict, layout: fmt.VoxelLayout, shards: list[int]) -> list[tup
         if start >= hi:
             break
         if start < stop:
-            pieces.append((table["file_index"][k], start, stop))
+            pieces.append((file_index[k], start, stop))
     return pieces
 
 
@@ -623,11 +646,10 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
     ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
     atom_count = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
     crc32 = fmt.read_array(root, fmt.CRC32)
-    table = {"ranges": ranges, "file_index": range(len(ranges))}  # atoms are saved by structure index
     (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
     try:
         for shard in tqdm(shards, desc="repair", unit="shard", disable=not progress):
-            pieces = _pieces(table, layout, [shard])
+            pieces = shard_pieces(ranges, range(len(ranges)), layout, [shard])  # atoms saved by structure
             for k, _, _ in pieces:
                 if write.atoms_path(root, k).exists():
                     continue
