@@ -100,9 +100,10 @@ def copies_of_samples(dst: Path, copies: int) -> Path:
 
 def rotation_options(k: int = 4) -> dict:
     """Origins/s with K images per origin: per-origin rotations (shipped) vs whole-structure ones."""
+    from cache_tools.format import file_sha256
     from pipeline.encode import LatticeEncoder, snap_centers, tile_order
     from pipeline.origins import OriginRule, pick_origins
-    from pipeline.parse import file_sha256, parse_atoms, parse_channels
+    from pipeline.parse import parse_atoms, parse_channels
     from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
     spec, storage = ImageSpec(), Storage()

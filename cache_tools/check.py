@@ -311,22 +311,18 @@ def resolve_sources(c: Cache, sources: list[str]) -> list[Path | None]:
     """Each structure's source file now: the recorded paths, or found by id among ``sources``."""
     if not sources:
         return [Path(p) for p in c.paths] if c.paths is not None else [None] * len(c.ids or [])
-    from pipeline.build import InputError, expand_inputs, structure_ids
-
+    build = build_side("--sources PATH")
     try:
-        found = expand_inputs(sources)
-    except InputError as exc:
+        by_id = build.find_sources(sources)
+    except build.InputError as exc:
         raise UsageError(f"--sources: {exc}") from None
-    by_id = dict(zip(structure_ids(found), found))
     return [by_id.get(sid) for sid in (c.ids or [])]
 
 
 def _digest(path: Path | None) -> str | None:
     """sha256 of a source file, or None when it is missing or unreadable."""
-    from pipeline.parse import file_sha256
-
     try:
-        return file_sha256(path) if path is not None else None
+        return fmt.file_sha256(path) if path is not None else None
     except OSError:
         return None
 
@@ -360,15 +356,13 @@ def spot_check(c: Cache, files: list[Path | None], usable: list[bool], n: int, s
     """Re-parse and re-voxelize ``n`` random origins of usable structures; compare with the stored bytes."""
     from tqdm import tqdm
 
-    from pipeline.build import OriginEncoder, params_from_attrs
-    from pipeline.parse import ParseError, parse_atoms
-
-    params = params_from_attrs(c.attrs)
+    build = build_side("--spot-check")
+    rotations = int(c.attrs["params"]["rotations"])
     pool = np.concatenate([np.arange(c.ranges[k, 0], c.ranges[k, 1]) for k in range(len(usable)) if usable[k]]
                           or [np.zeros(0, np.int64)])
     chosen = np.sort(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     centers = fmt.read_array(c.root, fmt.CENTER)
-    mats = fmt.read_array(c.root, fmt.ROTATION) if params.rotations > 1 else None
+    mats = fmt.read_array(c.root, fmt.ROTATION) if rotations > 1 else None
     layout = c.layout
     encoder, current = None, -1
     for origin in tqdm(chosen.tolist(), desc="spot check", unit="origin", disable=not progress):
@@ -376,15 +370,14 @@ def spot_check(c: Cache, files: list[Path | None], usable: list[bool], n: int, s
         if k != current:
             current = k
             try:
-                atoms = parse_atoms(files[k], params.channels)
-            except ParseError as exc:
+                encoder = build.reference_encoder(c.attrs, files[k])
+            except build.ParseError as exc:
                 c.report("spot-check", f"source no longer parses: {exc}", origin, origin)
                 encoder = None
                 continue
-            encoder = OriginEncoder(atoms.xyz, atoms.channel, params.image, params.storage)
         if encoder is None:
             continue
-        expected, _ = encoder.encode(centers[origin], mats[origin] if mats is not None else None)
+        expected = encoder(centers[origin], mats[origin] if mats is not None else None)
         shard = origin // layout.origins_per_shard
         try:
             stored = c.reader.stored_bytes(origin)
@@ -433,8 +426,6 @@ def check_cache(root: str | os.PathLike, sources: list[str] | None = None, spot:
 def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = None,
            progress: bool = True) -> list[dict]:
     """Rewrite the shard files holding the damaged origins of ``report``; returns what was rewritten."""
-    from pipeline.build import BuildError, rebuild_shards
-
     problems = [Problem.from_dict(p) for p in report["problems"]]
     if any(p.kind == "incomplete" for p in problems):
         raise RepairError("the build is incomplete; rerun the same `pipeline build-cache` command")
@@ -459,12 +450,24 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
         if not _unchanged(c, k, _digest(files[k])):
             raise RepairError(f"structure {c.ids[k]}: its source ({files[k] or c.paths[k]}) is missing or "
                               "changed since the build; give the original files with --sources")
+    build = build_side("--repair")
     try:
-        rebuild_shards(c.root, shards, {k: files[k] for k in needed}, progress=progress)
-    except BuildError as exc:
+        build.rebuild_shards(c.root, shards, {k: files[k] for k in needed}, progress=progress)
+    except build.BuildError as exc:
         raise RepairError(str(exc)) from None
     return [{"shard": s, "file": c.rel(c.layout.shard_path(s)), "structures": [c.ids[k] for k in structures(s)]}
             for s in shards]
+
+
+def build_side(flag: str):
+    """``pipeline.repair``, the build's own code: the one way from here into ``pipeline``,
+    imported only when ``flag`` needs it, so a plain check needs numpy alone."""
+    try:
+        import pipeline.repair
+    except ImportError as exc:
+        raise UsageError(f"{flag} needs the build side of voxel-cache (the `pipeline` package and "
+                         f"gemmi, scipy, macromol_voxelize): {exc}") from None
+    return pipeline.repair
 
 
 class RepairError(Exception):

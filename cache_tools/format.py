@@ -52,6 +52,7 @@ Every metadata array is a single uncompressed chunk, so it is one raw file too.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -296,6 +297,15 @@ def read_ragged_strings(root: str | os.PathLike, name: str) -> tuple[np.ndarray,
 
 def ragged_item(blob: np.ndarray, offsets: np.ndarray, k: int) -> str:
     return bytes(blob[int(offsets[k]):int(offsets[k + 1])]).decode("utf-8")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes: ``structures/source_sha256`` of a source as read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def entry_id_from_name(structure_id: str) -> str:

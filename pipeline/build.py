@@ -2,10 +2,10 @@
 
 Two phases over a dask.distributed cluster:
 
-1. *scan*, one task per batch of files: parse with gemmi, pick origins, keep the atoms
+1. *scan* (``tasks.scan_task``), one task per batch of files: parse with gemmi, pick origins, keep the atoms
    in ``.build/atoms`` and the result in ``.build/scan``. Nothing in the store depends
    on the order tasks finish in.
-2. *write*, one task per run of consecutive shards (``plan_write_tasks``): origin ids
+2. *write* (``tasks.write_task``), one task per run of consecutive shards (``plan_write_tasks``): origin ids
    are assigned from the scan results in input order, so every task knows its shards'
    origins and writes files nobody else touches (concurrent partial writes to one shard
    would corrupt it). A task voxelizes each structure's lattice tiles once across its
@@ -13,11 +13,11 @@ Two phases over a dask.distributed cluster:
 
 Finished work is recorded per file and per shard, so rerunning the same command
 after a crash resumes, and ends with the same bytes an uninterrupted run writes.
+This module decides what runs; ``pipeline.cluster`` runs it on dask.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import shutil
 import time
@@ -30,12 +30,13 @@ import numpy as np
 import pipeline
 from cache_tools import format as fmt
 from pipeline import metadata, write
-from pipeline.cluster import dask_client, peak_rss_bytes, reset_peak_rss, run_task, wait_all
-from pipeline.errors import BuildError, InputError  # noqa: F401  (re-exported: the CLI and tests use them)
-from pipeline.origins import OriginRule, pick_origins, read_origins_file
-from pipeline.parse import MMCIF_SUFFIXES, ParseError, check_source, file_sha256, parse_atoms, structure_key
+from pipeline.cluster import dask_client, run_task, wait_all
+from pipeline.errors import BuildError, InputError  # also imported from here by the CLI and tests
+from pipeline.inputs import expand_inputs, structure_ids
 from pipeline.lock import BuildLock, LockedError
-from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
+from pipeline.origins import OriginRule, read_origins_file
+from pipeline.parse import MMCIF_SUFFIXES
+from pipeline.tasks import scan_task, shard_pieces, write_task
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
@@ -59,7 +60,7 @@ class BuildParams:
     compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
 
     def fingerprint(self, sources: list[Path]) -> dict:
-        origins_sha = file_sha256(self.origins_file) if self.origins_file else None
+        origins_sha = fmt.file_sha256(self.origins_file) if self.origins_file else None
         return {
             "channels": self.channels,
             "image": asdict(self.image),
@@ -95,189 +96,6 @@ class BuildSummary:
     duplicates: list[dict] = field(default_factory=list)
     empty: list[dict] = field(default_factory=list)  # --origins rows with no atom in their image
     peak_worker_rss_bytes: dict | None = None  # {"scan"|"voxelize": a worker's largest peak RSS in a task}
-
-
-# --- inputs -----------------------------------------------------------------------------
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (recursive) and @list.txt files -> sorted unique absolute paths."""
-    found: set[Path] = set()
-    for item in inputs:
-        if item.startswith("@"):
-            list_file = Path(item[1:])
-            try:
-                # Paths as the filesystem spells them (surrogateescape), a Windows editor's BOM ignored.
-                text = list_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
-            except OSError as exc:
-                raise InputError(f"{list_file}: cannot read input list ({exc.strerror or exc})") from None
-            if "\x00" in text:
-                raise InputError(f"{list_file}: input list is not a text file (expected one path per line)")
-            lines = text.splitlines()
-            base = list_file.parent
-            entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-            found.update(expand_inputs([str(base / e) if not os.path.isabs(e) else e for e in entries]))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            try:
-                os.listdir(path)
-            except PermissionError:
-                raise InputError(f"{path}: directory is not readable (permission denied)") from None
-            for dirpath, _dirs, files in os.walk(path, onerror=_raise_walk_error):
-                for name in files:
-                    if name.lower().endswith(MMCIF_SUFFIXES):
-                        found.add(Path(dirpath, name).absolute())
-        elif path.exists():
-            found.add(path.absolute())
-        else:
-            raise InputError(f"{path}: no such file or directory")
-    return sorted(found)
-
-
-def _raise_walk_error(exc: OSError) -> None:
-    raise InputError(f"{exc.filename}: cannot list directory ({exc.strerror})")
-
-
-def structure_ids(sources: list[Path]) -> list[str]:
-    """Unique ids from file names; a repeated name gets ``-2``, ``-3``... in input order.
-
-    A suffixed id never takes an id that a file's own name gives (``1abc-2.cif``).
-    """
-    keys = [structure_key(path) for path in sources]
-    taken = set(keys)
-    seen: set[str] = set()
-    ids = []
-    for key in keys:
-        if key not in seen:
-            seen.add(key)
-            ids.append(key)
-            continue
-        n = 2
-        while f"{key}-{n}" in taken:
-            n += 1
-        taken.add(f"{key}-{n}")
-        ids.append(f"{key}-{n}")
-    return ids
-
-
-# --- tasks (run on dask workers; top-level so they pickle by reference) -----------------
-
-def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
-              rule: OriginRule, listed: dict[str, np.ndarray] | None,
-              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> tuple[list[tuple[int, int]], int]:
-    """Parse files and pick their origins; returns ([(file index, origins or -1 on failure)],
-    the worker's peak RSS during the task).
-
-    ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
-    ``box_half_A``: an atom touches an image only within this distance of its centre
-    along every axis; listed origins with no atom that close (empty images) are counted.
-    """
-    reset_peak_rss()
-    out = []
-    for index, source, sid in items:
-        sha, reason = "", None
-        try:
-            check_source(source)  # before opening: a FIFO would block forever
-            sha = file_sha256(source)
-        except ParseError as exc:
-            reason = str(exc)
-        except OSError as exc:
-            reason = f"cannot read: {exc.strerror or exc}"
-        n, empty = -1, ""
-        if reason is None:
-            try:
-                atoms = parse_atoms(source, channels)
-                if listed is not None:
-                    centers = listed.get(sid, np.zeros((0, 3)))
-                    if len(centers) == 0:
-                        raise ParseError(f"no origins for id '{sid}' in the --origins file")
-                    if snap is not None:  # judged where the images will be, not where they were asked for
-                        centers = snap_centers(centers, snap)
-                    empty = empty_origins(atoms.xyz, centers, box_half_A)
-                else:
-                    centers = pick_origins(atoms.xyz, rule, sha)
-                    if len(centers) == 0:
-                        raise ParseError(
-                            f"no origins: no atom has >= {rule.min_neighbors} heavy atoms within "
-                            f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
-            except ParseError as exc:
-                reason = str(exc)
-            except (ImportError, MemoryError):
-                raise  # a broken environment, not a broken file: stop the build and say so
-            except Exception as exc:  # gemmi/numpy surprises: one line, never abort the build
-                reason = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        # Writes into the store stay outside the try: an OSError here (a full disk) is not the
-        # file's fault, so it stops the build (resumable) instead of recording the file as failed.
-        if reason is None:
-            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
-                              channel=atoms.channel.astype(np.int8))
-            n = len(centers)
-            if snap is not None:
-                centers = snap_centers(centers, snap)  # idempotent for listed centres
-                centers = centers[tile_order(centers, snap)]
-            write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
-                              n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
-                              entry_id=np.array(atoms.entry_id), empty_origins=np.array(empty),
-                              **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
-        else:
-            write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
-                              source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
-        out.append((index, n))
-    return out, peak_rss_bytes()
-
-
-def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> str:
-    """'' or a one-line note on the listed origins whose images hold no atom (kept, reported)."""
-    from scipy.spatial import cKDTree
-
-    if not np.isfinite(box_half_A) or len(xyz) == 0:
-        return ""
-    distance, _ = cKDTree(xyz).query(centers, p=np.inf)  # per-axis (Chebyshev) distance
-    far = np.flatnonzero(distance >= box_half_A)
-    if not len(far):
-        return ""
-    c = centers[far[0]]
-    return (f"{len(far)} of {len(centers)} --origins rows are empty images, e.g. ({c[0]:g}, {c[1]:g}, {c[2]:g}): "
-            f"no atom within the image (nearest is {distance[far[0]]:.1f} Å away along an axis)")
-
-
-def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]], spec: ImageSpec,
-               storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None,
-               lattice: bool = True) -> tuple[list[int], int, int]:
-    """Voxelize consecutive shards' origins; pieces are (file index, first origin, stop origin)
-    and cover the shards' origins. Returns (shards, origins written, peak RSS).
-
-    A structure is encoded once across the shards of a task, so its lattice tiles are
-    not cut at shard boundaries (``plan_write_tasks``); each shard is still published on
-    its own, so a crash loses at most the shard in progress.
-    ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
-    ``expected_crc32`` (a repair), one per origin of the shards: refuse to publish bytes
-    that differ from the build's.
-    """
-    reset_peak_rss()
-    layout = fmt.VoxelLayout(root)
-    centers = fmt.read_array(root, fmt.CENTER)
-    mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
-    saturated = 0
-    encoder_class = LatticeEncoder if lattice else OriginEncoder
-
-    def origin_bytes():
-        nonlocal saturated
-        for index, start, stop in pieces:
-            atoms = write.load_npz(write.atoms_path(root, index))
-            encoder = encoder_class(atoms["xyz"], atoms["channel"], spec, storage)
-            for stored, sat in encoder.encode_many(np.asarray(centers[start:stop], dtype=np.float64),
-                                                   mats[start:stop] if mats is not None else None):
-                saturated += sat
-                yield stored
-
-    stream, done = origin_bytes(), 0
-    for shard in shards:
-        n, before = layout.origins_in_shard(shard), saturated
-        write.write_shard(layout, shard, itertools.islice(stream, n), saturated=lambda: saturated - before,
-                          expected_crc32=None if expected_crc32 is None else expected_crc32[done:done + n])
-        done += n
-    return shards, done, peak_rss_bytes()
 
 
 def plan_write_tasks(pending: list[int], per_shard: int, n_origins: int, ranges: np.ndarray,
@@ -573,23 +391,6 @@ def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.Voxe
     return fmt.VoxelLayout(root)
 
 
-def shard_pieces(ranges: np.ndarray, file_index, layout: fmt.VoxelLayout,
-                 shards: list[int]) -> list[tuple[int, int, int]]:
-    """write_task's pieces: (file index, start, stop) runs of the structures (``ranges``,
-    whose atoms are saved under ``file_index``) that overlap consecutive shards."""
-    lo = shards[0] * layout.origins_per_shard
-    hi = shards[-1] * layout.origins_per_shard + layout.origins_in_shard(shards[-1])
-    first = int(np.searchsorted(ranges[:, 1], lo, side="right"))
-    pieces = []
-    for k in range(first, len(ranges)):
-        start, stop = max(lo, int(ranges[k, 0])), min(hi, int(ranges[k, 1]))
-        if start >= hi:
-            break
-        if start < stop:
-            pieces.append((file_index[k], start, stop))
-    return pieces
-
-
 def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -> BuildSummary:
     layout = fmt.VoxelLayout(root)
     summary.origins = layout.n_origins
@@ -602,71 +403,3 @@ def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -
     summary.empty = attrs.get("empty", [])
     summary.peak_worker_rss_bytes = (attrs.get("build") or {}).get("peak_worker_rss_bytes")
     return summary
-
-
-# --- repair -----------------------------------------------------------------------------
-
-def params_from_attrs(attrs: dict) -> BuildParams:
-    """The parameters a cache was built with, from its attributes (to re-voxelize its origins)."""
-    p = attrs["params"]
-    rule = p["origins"]
-    storage = p["storage"]
-    return BuildParams(
-        channels=p["channels"], image=ImageSpec(**p["image"]),
-        storage=Storage(storage["dtype"], storage.get("uint8_max", fmt.UINT8_DEFAULT_MAX)),
-        rule=OriginRule(**{k: v for k, v in rule.items() if k != "rule"}) if rule["rule"] != "file"
-        else OriginRule(seed=rule.get("seed", 0)),
-        rotations=int(p["rotations"]), origins_file=rule.get("path"),
-        origins_per_shard=int(p["origins_per_shard"]), keep_duplicates=bool(p.get("keep_duplicates")),
-        exact_centers=p.get("centers", "exact") == "exact",  # caches from before the lattice: exact
-        **({"compression": p["compression"]["codec"], "compression_level": int(p["compression"]["level"])}
-           if "compression" in p else {}))
-
-
-def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int, Path],
-                   progress: bool = True) -> None:
-    """Rewrite voxel shards of a complete cache from their structures' sources.
-
-    The build's own write task re-parses every structure overlapping each shard
-    (``sources``: structure index -> file, already checked unchanged by the caller)
-    and publishes a shard only if every origin reproduces the checksum recorded at
-    build time; the shard is the unit because it is replaced atomically. Raises
-    BuildError naming the shard otherwise; untouched shards are never rewritten.
-    """
-    from tqdm import tqdm
-
-    root = Path(root).absolute()
-    attrs = fmt.read_attrs(root)
-    params = params_from_attrs(attrs)
-    installed = params.image.voxelizer_attrs()["version"]
-    if attrs["params"]["voxelizer"]["version"] != installed:
-        raise BuildError(f"{root}: built with macromol_voxelize {attrs['params']['voxelizer']['version']}, "
-                         f"{installed} is installed; install the build's version to repair")
-    layout = fmt.VoxelLayout(root)
-    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
-    atom_count = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
-    crc32 = fmt.read_array(root, fmt.CRC32)
-    (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
-    try:
-        for shard in tqdm(shards, desc="repair", unit="shard", disable=not progress):
-            pieces = shard_pieces(ranges, range(len(ranges)), layout, [shard])  # atoms saved by structure
-            for k, _, _ in pieces:
-                if write.atoms_path(root, k).exists():
-                    continue
-                try:
-                    atoms = parse_atoms(sources[k], params.channels)
-                except ParseError as exc:
-                    raise BuildError(f"{sources[k]}: {exc}") from None
-                if len(atoms) != atom_count[k]:
-                    raise BuildError(f"{sources[k]}: parses to {len(atoms)} atoms, the cache recorded "
-                                     f"{atom_count[k]} (parse rules changed?); rebuild the cache instead")
-                write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8))
-            lo = shard * layout.origins_per_shard
-            try:
-                write_task(str(root), [shard], pieces, params.image, params.storage, params.rotations,
-                           expected_crc32=crc32[lo:lo + layout.origins_in_shard(shard)],
-                           lattice=not params.exact_centers)
-            except write.ChecksumMismatch as exc:
-                raise BuildError(f"shard {shard} not repaired: {exc}") from None
-    finally:
-        shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)

@@ -14,7 +14,6 @@ Rules (documented in the README, "What goes into an image"):
 from __future__ import annotations
 
 import gzip
-import hashlib
 import math
 import os
 import re
@@ -77,14 +76,6 @@ def structure_key(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)].lower()
     return Path(name).stem.lower()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_source(path: str | os.PathLike) -> None:

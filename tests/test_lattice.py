@@ -8,7 +8,7 @@ from cache_tools import format as fmt
 from pipeline.build import build_cache
 from pipeline.encode import LatticeEncoder, OriginEncoder, lattice_exact, snap_centers, tile_order
 from pipeline.origins import OriginRule, pick_origins
-from pipeline.parse import file_sha256, parse_atoms, parse_channels
+from pipeline.parse import parse_atoms, parse_channels
 from pipeline.voxelize import ImageSpec, Storage, voxelize
 
 from conftest import DATA, small_params
@@ -28,9 +28,9 @@ def test_crops_equal_per_origin_voxelization_on_every_sample_file(grid):
     assert len(ALL_FILES) == 13
     for name in ALL_FILES:
         atoms = parse_atoms(DATA / name, CHANNELS)
-        picked = pick_origins(atoms.xyz, OriginRule(max_per_structure=120), file_sha256(DATA / name))
+        picked = pick_origins(atoms.xyz, OriginRule(max_per_structure=120), fmt.file_sha256(DATA / name))
         if len(picked) == 0:  # a file without buried atoms (the build records it as failed): any atoms
-            picked = pick_origins(atoms.xyz, OriginRule(min_neighbors=0), file_sha256(DATA / name))
+            picked = pick_origins(atoms.xyz, OriginRule(min_neighbors=0), fmt.file_sha256(DATA / name))
         centers = snap_centers(picked, spec).astype(np.float64)
         # snapped: at most half a voxel per axis, odd grids mid-voxel, even grids on a plane
         assert np.abs(centers - picked).max() <= 0.5

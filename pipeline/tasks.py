@@ -1,0 +1,154 @@
+"""The build's two tasks, run on dask workers (top-level, so they pickle by reference).
+
+*scan*: parse files, pick their origins, keep the atoms and the result in ``.build/``.
+*write*: voxelize the origins of consecutive shards and publish each shard.
+A repair runs the same write task in-process, so it writes the bytes a build writes.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from cache_tools import format as fmt
+from pipeline import metadata, write
+from pipeline.cluster import peak_rss_bytes, reset_peak_rss
+from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
+from pipeline.origins import OriginRule, pick_origins
+from pipeline.parse import ParseError, check_source, parse_atoms
+from pipeline.voxelize import ImageSpec, Storage
+
+
+def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
+              rule: OriginRule, listed: dict[str, np.ndarray] | None,
+              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> tuple[list[tuple[int, int]], int]:
+    """Parse files and pick their origins; returns ([(file index, origins or -1 on failure)],
+    the worker's peak RSS during the task).
+
+    ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
+    ``box_half_A``: an atom touches an image only within this distance of its centre
+    along every axis; listed origins with no atom that close (empty images) are counted.
+    """
+    reset_peak_rss()
+    out = []
+    for index, source, sid in items:
+        sha, reason = "", None
+        try:
+            check_source(source)  # before opening: a FIFO would block forever
+            sha = fmt.file_sha256(source)
+        except ParseError as exc:
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"cannot read: {exc.strerror or exc}"
+        n, empty = -1, ""
+        if reason is None:
+            try:
+                atoms = parse_atoms(source, channels)
+                if listed is not None:
+                    centers = listed.get(sid, np.zeros((0, 3)))
+                    if len(centers) == 0:
+                        raise ParseError(f"no origins for id '{sid}' in the --origins file")
+                    if snap is not None:  # judged where the images will be, not where they were asked for
+                        centers = snap_centers(centers, snap)
+                    empty = empty_origins(atoms.xyz, centers, box_half_A)
+                else:
+                    centers = pick_origins(atoms.xyz, rule, sha)
+                    if len(centers) == 0:
+                        raise ParseError(
+                            f"no origins: no atom has >= {rule.min_neighbors} heavy atoms within "
+                            f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
+            except ParseError as exc:
+                reason = str(exc)
+            except (ImportError, MemoryError):
+                raise  # a broken environment, not a broken file: stop the build and say so
+            except Exception as exc:  # gemmi/numpy surprises: one line, never abort the build
+                reason = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # Writes into the store stay outside the try: an OSError here (a full disk) is not the
+        # file's fault, so it stops the build (resumable) instead of recording the file as failed.
+        if reason is None:
+            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
+                              channel=atoms.channel.astype(np.int8))
+            n = len(centers)
+            if snap is not None:
+                centers = snap_centers(centers, snap)  # idempotent for listed centres
+                centers = centers[tile_order(centers, snap)]
+            write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
+                              n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
+                              entry_id=np.array(atoms.entry_id), empty_origins=np.array(empty),
+                              **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
+        else:
+            write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
+                              source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
+        out.append((index, n))
+    return out, peak_rss_bytes()
+
+
+def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> str:
+    """'' or a one-line note on the listed origins whose images hold no atom (kept, reported)."""
+    from scipy.spatial import cKDTree
+
+    if not np.isfinite(box_half_A) or len(xyz) == 0:
+        return ""
+    distance, _ = cKDTree(xyz).query(centers, p=np.inf)  # per-axis (Chebyshev) distance
+    far = np.flatnonzero(distance >= box_half_A)
+    if not len(far):
+        return ""
+    c = centers[far[0]]
+    return (f"{len(far)} of {len(centers)} --origins rows are empty images, e.g. ({c[0]:g}, {c[1]:g}, {c[2]:g}): "
+            f"no atom within the image (nearest is {distance[far[0]]:.1f} Å away along an axis)")
+
+
+def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]], spec: ImageSpec,
+               storage: Storage, rotations: int, expected_crc32: np.ndarray | None = None,
+               lattice: bool = True) -> tuple[list[int], int, int]:
+    """Voxelize consecutive shards' origins; pieces are (file index, first origin, stop origin)
+    and cover the shards' origins. Returns (shards, origins written, peak RSS).
+
+    A structure is encoded once across the shards of a task, so its lattice tiles are
+    not cut at shard boundaries (``plan_write_tasks``); each shard is still published on
+    its own, so a crash loses at most the shard in progress.
+    ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
+    ``expected_crc32`` (a repair), one per origin of the shards: refuse to publish bytes
+    that differ from the build's.
+    """
+    reset_peak_rss()
+    layout = fmt.VoxelLayout(root)
+    centers = fmt.read_array(root, fmt.CENTER)
+    mats = fmt.read_array(root, fmt.ROTATION) if rotations > 1 else None
+    saturated = 0
+    encoder_class = LatticeEncoder if lattice else OriginEncoder
+
+    def origin_bytes():
+        nonlocal saturated
+        for index, start, stop in pieces:
+            atoms = write.load_npz(write.atoms_path(root, index))
+            encoder = encoder_class(atoms["xyz"], atoms["channel"], spec, storage)
+            for stored, sat in encoder.encode_many(np.asarray(centers[start:stop], dtype=np.float64),
+                                                   mats[start:stop] if mats is not None else None):
+                saturated += sat
+                yield stored
+
+    stream, done = origin_bytes(), 0
+    for shard in shards:
+        n, before = layout.origins_in_shard(shard), saturated
+        write.write_shard(layout, shard, itertools.islice(stream, n), saturated=lambda: saturated - before,
+                          expected_crc32=None if expected_crc32 is None else expected_crc32[done:done + n])
+        done += n
+    return shards, done, peak_rss_bytes()
+
+
+def shard_pieces(ranges: np.ndarray, file_index, layout: fmt.VoxelLayout,
+                 shards: list[int]) -> list[tuple[int, int, int]]:
+    """write_task's pieces: (file index, start, stop) runs of the structures (``ranges``,
+    whose atoms are saved under ``file_index``) that overlap consecutive shards."""
+    lo = shards[0] * layout.origins_per_shard
+    hi = shards[-1] * layout.origins_per_shard + layout.origins_in_shard(shards[-1])
+    first = int(np.searchsorted(ranges[:, 1], lo, side="right"))
+    pieces = []
+    for k in range(first, len(ranges)):
+        start, stop = max(lo, int(ranges[k, 0])), min(hi, int(ranges[k, 1]))
+        if start >= hi:
+            break
+        if start < stop:
+            pieces.append((file_index[k], start, stop))
+    return pieces
