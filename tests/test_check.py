@@ -217,3 +217,28 @@ def test_repair_refuses_a_changed_source(cache):
     finally:
         k0_path.write_bytes(backup)
     assert layout.n_origins == 28
+
+
+def test_plain_check_never_imports_the_build_side(pristine, tmp_path):
+    """cache_tools reaches pipeline at one place, only for --sources PATH, --spot-check and --repair."""
+    heavy = ["gemmi", "scipy", "pipeline", "zarr", "torch", "macromol_voxelize", "distributed"]
+
+    def run(*args: str, block: bool = False) -> subprocess.CompletedProcess:
+        code = ("import sys\n"
+                + (f"for name in {heavy!r}:\n    sys.modules[name] = None  # importing it fails\n" if block else "")
+                + "from cache_tools.cli import main\n"
+                f"code = main(['check', {str(pristine)!r}, '--quiet', *{list(args)!r}])\n"
+                "loaded = {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
+                f"print(code, sorted(loaded & {set(heavy)!r}))\n"
+                "sys.exit(code)\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+    for args in [(), ("--sources",)]:  # --sources alone hashes the recorded paths: no parsing
+        proc = run(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "0 []", args
+    # and without the build side installed at all: a plain check works, --spot-check says why not
+    assert run(block=True).returncode == 0
+    proc = run("--spot-check", "2", block=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("cache-tools check: --spot-check needs the build side of voxel-cache")
