@@ -31,7 +31,7 @@ import pipeline
 from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.cluster import dask_client, run_task, wait_all
-from pipeline.errors import BuildError, InputError  # also imported from here by the CLI and tests
+from pipeline.errors import BuildError, InputError  # also imported from here by tests and scripts
 from pipeline.inputs import expand_inputs, structure_ids
 from pipeline.lock import BuildLock, LockedError
 from pipeline.origins import OriginRule, read_origins_file

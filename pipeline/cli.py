@@ -155,7 +155,8 @@ def _human(n: float) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from pipeline.build import BuildError, InputError, build_cache
+    from pipeline.build import build_cache
+    from pipeline.errors import BuildError, InputError
 
     try:
         params = params_from_args(args)

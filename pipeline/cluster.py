@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from pipeline.errors import BuildError
 
@@ -27,7 +28,7 @@ class TaskOSError:
     filename: str | None
 
 
-def run_task(task, *args):
+def run_task(task: Callable, *args: Any) -> Any:
     """``task(*args)``, its OSError returned as a TaskOSError (submit this, not the task)."""
     try:
         return task(*args)
@@ -36,7 +37,8 @@ def run_task(task, *args):
                            None if exc.filename is None else os.fsdecode(exc.filename))
 
 
-def wait_all(futures, *, total: int, initial: int, desc: str, unit: str, progress: bool, weight) -> list:
+def wait_all(futures: list, *, total: int, initial: int, desc: str, unit: str, progress: bool,
+             weight: Callable[[Any], int]) -> list:
     """Wait for futures with a tqdm bar; a task error aborts the build with its message."""
     from distributed import as_completed
     from tqdm import tqdm
@@ -116,7 +118,7 @@ def quiet_worker_logs() -> None:
 
 
 @contextlib.contextmanager
-def sigint_ignored():
+def sigint_ignored() -> Iterator[None]:
     """SIGINT ignored inside (the main thread only may change handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield

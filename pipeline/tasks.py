@@ -7,6 +7,7 @@ A repair runs the same write task in-process, so it writes the bytes a build wri
 from __future__ import annotations
 
 import itertools
+from typing import Sequence
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]],
     and cover the shards' origins. Returns (shards, origins written, peak RSS).
 
     A structure is encoded once across the shards of a task, so its lattice tiles are
-    not cut at shard boundaries (``plan_write_tasks``); each shard is still published on
+    not cut at shard boundaries (``build.plan_write_tasks``); each shard is still published on
     its own, so a crash loses at most the shard in progress.
     ``lattice``: crop images from lattice tiles (centres were snapped), else one by one.
     ``expected_crc32`` (a repair), one per origin of the shards: refuse to publish bytes
@@ -137,7 +138,7 @@ def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]],
     return shards, done, peak_rss_bytes()
 
 
-def shard_pieces(ranges: np.ndarray, file_index, layout: fmt.VoxelLayout,
+def shard_pieces(ranges: np.ndarray, file_index: Sequence[int], layout: fmt.VoxelLayout,
                  shards: list[int]) -> list[tuple[int, int, int]]:
     """write_task's pieces: (file index, start, stop) runs of the structures (``ranges``,
     whose atoms are saved under ``file_index``) that overlap consecutive shards."""
