@@ -6,7 +6,6 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
