@@ -49,9 +49,10 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                     centers = listed.get(sid, np.zeros((0, 3)))
                     if len(centers) == 0:
                         raise ParseError(f"no origins for id '{sid}' in the --origins file")
+                    asked = centers
                     if snap is not None:  # judged where the images will be, not where they were asked for
                         centers = snap_centers(centers, snap)
-                    empty = empty_origins(atoms.xyz, centers, box_half_A)
+                    empty = empty_origins(atoms.xyz, centers, box_half_A, listed=asked)
                 else:
                     centers = pick_origins(atoms.xyz, rule, sha)
                     if len(centers) == 0:
@@ -84,8 +85,10 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
     return out, peak_rss_bytes()
 
 
-def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> str:
-    """'' or a one-line note on the listed origins whose images hold no atom (kept, reported)."""
+def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float,
+                  listed: np.ndarray | None = None) -> str:
+    """'' or a one-line note on the listed origins whose images (at ``centers``, snapped or
+    not) hold no atom (kept, reported); rows are quoted as listed."""
     from scipy.spatial import cKDTree
 
     if not np.isfinite(box_half_A) or len(xyz) == 0:
@@ -94,7 +97,7 @@ def empty_origins(xyz: np.ndarray, centers: np.ndarray, box_half_A: float) -> st
     far = np.flatnonzero(distance >= box_half_A)
     if not len(far):
         return ""
-    c = centers[far[0]]
+    c = (centers if listed is None else listed)[far[0]]
     return (f"{len(far)} of {len(centers)} --origins rows are empty images, e.g. ({c[0]:g}, {c[1]:g}, {c[2]:g}): "
             f"no atom within the image (nearest is {distance[far[0]]:.1f} Å away along an axis)")
 
