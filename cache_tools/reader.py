@@ -224,14 +224,15 @@ class ShardReader:
         if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
             out[...] = 0
             return
-        path = self._paths(origin // self.layout.origins_per_shard)
         if offset + nbytes > entry.index_start:
+            path = self._paths(origin // self.layout.origins_per_shard)
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: shard file {path}: its index entry "
                                  f"points past the data (offset {offset}, {nbytes} bytes, data ends at "
                                  f"{entry.index_start}); truncated or damaged (run cache-tools check)")
         try:
             self._decode(os.pread(fd, nbytes, offset), out)
         except (RuntimeError, ValueError) as exc:
+            path = self._paths(origin // self.layout.origins_per_shard)
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {path} do not "
                                  f"decode ({exc}; damaged cache, run cache-tools check)") from None
 
@@ -249,8 +250,9 @@ class ShardReader:
         Uncompressed: the origins' views in their shards' maps, stacked into ``out`` by
         one C loop (a random batch touches a shard per origin, so grouping by shard only
         adds Python work), then one scaling pass. Compressed: each origin decodes into
-        its row of ``out`` on ``threads`` threads. At most ``max_maps`` shards are held at
-        once, so descriptors stay bounded.
+        its row (of ``out``, or of a stored-dtype batch cast into ``out`` by the same
+        thread) on ``threads`` threads. At most ``max_maps`` shards are held at once, so
+        descriptors stay bounded.
         """
         if self.verify:
             for k, origin in enumerate(origins.tolist()):
@@ -269,28 +271,30 @@ class ShardReader:
             if scale != 1.0:
                 out *= out.dtype.type(scale)
             return
+        # Decode each origin into a batch of the stored dtype (``out`` itself when no cast is
+        # needed), then each thread casts and scales its own rows: per-origin casts hold the
+        # GIL and kept a second thread idle.
+        direct = out.dtype == self.layout.dtype and scale == 1.0
+        stage = out if direct else np.empty((len(origins), *self.layout.image_shape), self.layout.dtype)
         jobs: list[tuple[_Shard, int, int, int]] = []   # (shard, row, origin, target)
         held: set[int] = set()  # shards the pending jobs point into
         for k, origin in enumerate(origins.tolist()):
             shard, row = divmod(origin, per_shard)
             if shard not in held and len(held) >= local.max_maps:
-                self._decode_jobs(local, jobs, out, scale)  # keep no more than max_maps shards in hand
+                self._decode_jobs(local, jobs, stage, out, scale)  # keep no more than max_maps shards in hand
                 jobs, held = [], set()
             held.add(shard)
             jobs.append((self._shard(local, shard, origin), row, origin, k))
-        self._decode_jobs(local, jobs, out, scale)
+        self._decode_jobs(local, jobs, stage, out, scale)
 
-    def _decode_jobs(self, local: _Local, jobs: list, out: np.ndarray, scale: float) -> None:
-        direct = out.dtype == self.layout.dtype and scale == 1.0
-
+    def _decode_jobs(self, local: _Local, jobs: list, stage: np.ndarray, out: np.ndarray, scale: float) -> None:
+        """Decode consecutive-target jobs into ``stage`` on threads; each thread then casts its rows into ``out``."""
         def run(part: list) -> None:
-            scratch = None if direct else self._scratch(local)
             for entry, row, origin, target in part:
-                if direct:
-                    self._decode_into(entry, row, origin, out[target])
-                else:
-                    self._decode_into(entry, row, origin, scratch)
-                    scaled_copy(scratch, out[target], scale)
+                self._decode_into(entry, row, origin, stage[target])
+            if stage is not out and part:
+                rows = slice(part[0][3], part[-1][3] + 1)
+                scaled_copy(stage[rows], out[rows], scale)
 
         threads = min(self.threads or default_threads(), len(jobs))
         if threads <= 1:
