@@ -3,8 +3,8 @@
 
 Measured here, on the sample cache: origins per structure (mean), bytes per origin
 per storage dtype (raw, and compressed with the default codec: each origin one zstd
-frame, as `build-cache --compression zstd` stores it), seconds of one core to parse a structure and to voxelize an
-origin the way the build does (a lattice cache: whole structures' tiles and crops,
+frame, as `build-cache --compression zstd` stores it), seconds of one core to parse a structure and to voxelize
+and encode (crc32, the codec) an origin the way the build does (a lattice cache: whole structures' tiles and crops,
 divided by their origins; an --exact-centers cache: one origin at a time). Scaled to ``--entries`` (default 230,000, about the PDB in 2026): origins,
 disk per dtype, build core-hours, and page cache for a fully resident cache.
 
