@@ -319,10 +319,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> "SampleBatch":
         """A whole batch in one buffer: PyTorch's batched-fetch hook.
 
-        The reader gathers the origins shard by shard (one vectorized copy per shard, or
-        one decode per origin on a few threads when compressed) straight into a single
-        [B, C, L, L, L] float32 buffer (pinned when ``pin_memory`` and CUDA is available),
-        then one vector op dequantizes. Returns a :class:`SampleBatch`: use
+        The reader gathers the origins (their views in the shard maps copied by one C
+        loop, or one decode per origin on a few threads when compressed) straight into a
+        single [B, C, L, L, L] buffer (float32, or the stored dtype with
+        ``dequantize=False``; pinned when ``pin_memory`` and CUDA is available), then one
+        vector op dequantizes. Returns a :class:`SampleBatch`: use
         ``collate_fn=batch_collate`` to take it as is; the default collate also works.
         """
         idx = np.asarray(indices)

@@ -247,8 +247,8 @@ class ShardReader:
     def gather(self, origins: np.ndarray, out: np.ndarray, scale: float = 1.0) -> None:
         """``out[k] = image of origins[k] * scale`` (cast to out's dtype), one pass per origin.
 
-        Uncompressed: the origins' views in their shards' maps, stacked into ``out`` by
-        one C loop (a random batch touches a shard per origin, so grouping by shard only
+        Uncompressed: the origins' views in their shards' maps, concatenated into ``out``
+        by one C loop (a random batch touches a shard per origin, so grouping by shard only
         adds Python work), then one scaling pass. Compressed: each origin decodes into
         its row (of ``out``, or of a stored-dtype batch cast into ``out`` by the same
         thread) on ``threads`` threads. At most ``max_maps`` shards are held at once, so
@@ -264,10 +264,10 @@ class ShardReader:
             shards, rows = np.divmod(origins, per_shard)
             for a in range(0, len(origins), local.max_maps):  # views hold maps: max_maps at a time
                 b = min(a + local.max_maps, len(origins))
-                with local.lock:
-                    views = [self._shard_locked(local, shard, origin).data[row] for shard, row, origin in
-                             zip(shards[a:b].tolist(), rows[a:b].tolist(), origins[a:b].tolist())]
-                np.stack(views, out=out[a:b], casting="safe")
+                with local.lock:  # (1, *image) views: concatenate needs no per-view reshaping, as stack does
+                    views = [self._shard_locked(local, shard, origin).data[row:row + 1] for shard, row, origin
+                             in zip(shards[a:b].tolist(), rows[a:b].tolist(), origins[a:b].tolist())]
+                np.concatenate(views, out=out[a:b], casting="safe")
             if scale != 1.0:
                 out *= out.dtype.type(scale)
             return
