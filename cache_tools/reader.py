@@ -53,11 +53,14 @@ class _Descriptor:
     """An open shard file, closed when the last reference goes (an evicted shard may still
     be read by a batch's decode threads, as an evicted map stays valid under its views)."""
 
+    fd = -1  # if the open fails, __del__ still runs
+
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 @dataclass
