@@ -138,3 +138,21 @@ def test_compression_level_out_of_range_is_a_usage_error(tmp_path, data_dir):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--compression-level must be between 1 and 22, got 30" in out.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_missing_compressed_shard_is_one_clean_error(zstd_uint8, tmp_path):
+    """A deleted shard: CacheError naming it, in a fresh process, with nothing else on stderr."""
+    root = tmp_path / "gone.zarr"
+    shutil.copytree(zstd_uint8, root)
+    layout = fmt.VoxelLayout(root)
+    layout.shard_path(1).unlink()
+    code = ("import sys\nfrom cache_tools import VoxelCacheDataset, format as fmt\n"
+            f"ds = VoxelCacheDataset({str(root)!r})\n"
+            "try:\n"
+            f"    ds[{layout.origins_per_shard}]\n"
+            "except fmt.CacheError as exc:\n"
+            "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.strip() == (f"{root}: origin {layout.origins_per_shard}: shard file "
+                                  f"{layout.shard_path(1)} is missing")
