@@ -20,6 +20,7 @@ from pipeline.build import BuildParams
 from pipeline.encode import OriginEncoder
 from pipeline.errors import BuildError, InputError
 from pipeline.inputs import expand_inputs, structure_ids
+from pipeline.lock import BuildLock, LockedError
 from pipeline.origins import OriginRule
 from pipeline.parse import ParseError, parse_atoms
 from pipeline.tasks import shard_pieces, write_task
@@ -72,10 +73,9 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
     (``sources``: structure index -> file, already checked unchanged by the caller)
     and publishes a shard only if every origin reproduces the checksum recorded at
     build time; the shard is the unit because it is replaced atomically. Raises
-    BuildError naming the shard otherwise; untouched shards are never rewritten.
+    BuildError naming the shard otherwise; untouched shards are never rewritten. Holds
+    the cache's build lock, so a repair never runs beside a build or another repair.
     """
-    from tqdm import tqdm
-
     root = Path(root).absolute()
     attrs = fmt.read_attrs(root)
     params = params_from_attrs(attrs)
@@ -83,6 +83,20 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
     if attrs["params"]["voxelizer"]["version"] != installed:
         raise BuildError(f"{root}: built with macromol_voxelize {attrs['params']['voxelizer']['version']}, "
                          f"{installed} is installed; install the build's version to repair")
+    try:
+        lock = BuildLock(root, what="repair").__enter__()  # one writer: a build, or one repair
+    except LockedError as exc:
+        raise BuildError(str(exc)) from None
+    try:
+        fmt.remove_temporaries(root)  # an earlier repair's, killed mid-publish
+        _rebuild(root, shards, sources, params, progress)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _rebuild(root: Path, shards: list[int], sources: dict[int, Path], params: BuildParams, progress: bool) -> None:
+    from tqdm import tqdm
+
     layout = fmt.VoxelLayout(root)
     ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
     atom_count = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)

@@ -242,3 +242,29 @@ def test_plain_check_never_imports_the_build_side(pristine, tmp_path):
     proc = run("--spot-check", "2", block=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("cache-tools check: --spot-check needs the build side of voxel-cache")
+
+
+def test_repair_waits_its_turn_behind_a_build(cache):
+    """A repair takes the build's lock: while another process holds it, --repair refuses in one
+    line naming the holder, and writes nothing."""
+    import signal as _signal
+
+    from pipeline.lock import lock_path
+
+    path, offset = origin_bytes(cache, 12)
+    poke(path, offset + 3, b"\xff\xff")
+    damaged = path.read_bytes()
+    hold = ("import sys, time; from pipeline.lock import BuildLock\nwith BuildLock(sys.argv[1]):\n"
+            "    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(cache)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = cli(cache, "--repair")
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert "another build is writing this cache (host" in out.stderr and f"pid {holder.pid}" in out.stderr
+        assert path.read_bytes() == damaged and lock_path(cache).exists()
+    finally:
+        holder.send_signal(_signal.SIGKILL)
+        holder.wait()
+    assert cli(cache, "--repair").returncode == 0 and path.read_bytes() != damaged  # the dead holder's lock: taken over
+    assert not lock_path(cache).exists()
