@@ -35,14 +35,18 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture()
 def cluster(tmp_path):
-    """`dask scheduler` and two single-threaded `dask worker`s on 127.0.0.1."""
+    """`dask scheduler` and two single-threaded `dask worker`s on 127.0.0.1.
+
+    They run in their own sessions; if pytest itself is killed, the scheduler ends after
+    5 idle minutes and the workers 30 s after it, instead of living on as orphans."""
     scheduler_file = tmp_path / "scheduler.json"
-    procs = [start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+    procs = [start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--idle-timeout", "300s",
                     "--no-dashboard", "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")]
     wait_for(scheduler_file.exists, 60, "the scheduler file")
     for k in range(2):
         procs.append(start([str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file),
                             "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--name", f"w{k}",
+                            "--death-timeout", "30s",
                             "--local-directory", str(tmp_path / f"w{k}")], tmp_path / f"worker{k}.log"))
     address = json.loads(scheduler_file.read_text())["address"]
     from distributed import Client
