@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import resource
+import struct
 import threading
 import zlib
 from collections import OrderedDict
@@ -32,6 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache_tools import format as fmt
+
+
+_INDEX_ENTRY = struct.Struct("<QQ")  # a zarr shard index slot: offset, length (little-endian uint64)
 
 
 def default_max_maps() -> int:
@@ -223,7 +227,12 @@ class ShardReader:
 
     def _decode_into(self, entry: _Shard, j: int, origin: int, out: np.ndarray) -> None:
         fd = entry.file.fd
-        offset, nbytes = np.frombuffer(os.pread(fd, 16, entry.index_start + 16 * j), "<u8").tolist()
+        raw = os.pread(fd, 16, entry.index_start + 16 * j)
+        if len(raw) != 16:  # the file shrank after it was opened
+            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: shard file "
+                                 f"{self._paths(origin // self.layout.origins_per_shard)} is truncated "
+                                 "(damaged cache; run cache-tools check)")
+        offset, nbytes = _INDEX_ENTRY.unpack(raw)
         if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
             out[...] = 0
             return
