@@ -41,6 +41,10 @@ from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
 SCAN_BATCH = 4  # at most this many files per scan task: amortizes task overhead, keeps the bar lively
+# A write task's size, at most (or one shard): ~10 s of one worker's work, so workers that join
+# a --scheduler cluster after the build started still find tasks (a structure has <= 1,000
+# origins by default, so tasks this long rarely cut one).
+MAX_TASK_ORIGINS = 8192
 
 
 @dataclass(frozen=True)
@@ -207,8 +211,10 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         t_write = time.time()
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
         pending_origins = sum(layout.origins_in_shard(s) for s in pending)
+        workers = max(1, sum(client.nthreads().values()))  # again: a cluster's workers may still be arriving
+        target = min(-(-pending_origins // (8 * workers)), MAX_TASK_ORIGINS)
         tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table.ranges,
-                                 target_origins=-(-pending_origins // (8 * workers)))
+                                 target_origins=target)
         futures = [client.submit(run_task, write_task, str(root), shards,
                                  shard_pieces(table.ranges, table.file_index, layout, shards),
                                  params.image, params.storage, params.rotations, None, not params.exact_centers,
