@@ -102,7 +102,6 @@ class ShardReader:
         self.threads = threads
         self._decode = fmt.decoder(layout.codec)
         self._state: _Local | None = None
-        self._chunk_dir: tuple[str, str] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None, "_decode": None}
@@ -142,8 +141,8 @@ class ShardReader:
 
     def _map(self, shard: int, origin: int) -> _Shard:
         layout = self.layout
-        path = self._paths(shard)
-        where = f"{layout.root}: origin {origin}: shard file {path}"
+        path = layout.shard_file(shard)
+        where = self._where(origin)
         try:
             if layout.codec is not None:
                 file = _Descriptor(path)
@@ -169,13 +168,10 @@ class ShardReader:
         count = n * layout.origin_nbytes // layout.dtype.itemsize
         return _Shard(np.frombuffer(mm, dtype=layout.dtype, count=count).reshape(n, *layout.image_shape), mm)
 
-    def _paths(self, shard: int) -> str:
-        """The shard's file name, as a string (pathlib costs ~20 µs a call here)."""
-        if self._chunk_dir is None:  # ".../voxels/c/" and "/0/0/0/0" (one more /0 with rotations)
-            first = os.fspath(self.layout.shard_path(0))
-            cut = first.rindex(os.sep + "c" + os.sep) + 3
-            self._chunk_dir = (first[:cut], first[cut + 1:])
-        return f"{self._chunk_dir[0]}{shard}{self._chunk_dir[1]}"
+    def _where(self, origin: int) -> str:
+        """How errors name an origin: the cache, the origin, its shard file."""
+        return (f"{self.layout.root}: origin {origin}: shard file "
+                f"{self.layout.shard_file(origin // self.layout.origins_per_shard)}")
 
     # --- one origin ------------------------------------------------------------------------
 
@@ -229,24 +225,22 @@ class ShardReader:
         fd = entry.file.fd
         raw = os.pread(fd, 16, entry.index_start + 16 * j)
         if len(raw) != 16:  # the file shrank after it was opened
-            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: shard file "
-                                 f"{self._paths(origin // self.layout.origins_per_shard)} is truncated "
-                                 "(damaged cache; run cache-tools check)")
+            raise fmt.CacheError(f"{self._where(origin)} is truncated (damaged cache; run cache-tools check)")
         offset, nbytes = _INDEX_ENTRY.unpack(raw)
         if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
             out[...] = 0
             return
         if offset + nbytes > entry.index_start:
-            path = self._paths(origin // self.layout.origins_per_shard)
-            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: shard file {path}: its index entry "
-                                 f"points past the data (offset {offset}, {nbytes} bytes, data ends at "
-                                 f"{entry.index_start}); truncated or damaged (run cache-tools check)")
+            raise fmt.CacheError(f"{self._where(origin)}: its index entry points past the data (offset "
+                                 f"{offset}, {nbytes} bytes, data ends at {entry.index_start}); truncated or "
+                                 "damaged (run cache-tools check)")
         try:
             self._decode(os.pread(fd, nbytes, offset), out)
         except (RuntimeError, ValueError) as exc:
-            path = self._paths(origin // self.layout.origins_per_shard)
-            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {path} do not "
-                                 f"decode ({exc}; damaged cache, run cache-tools check)") from None
+            raise fmt.CacheError(
+                f"{self.layout.root}: origin {origin}: compressed bytes in "
+                f"{self.layout.shard_file(origin // self.layout.origins_per_shard)} do not decode "
+                f"({exc}; damaged cache, run cache-tools check)") from None
 
     def _check_crc(self, local: _Local, origin: int, stored: np.ndarray) -> None:
         if zlib.crc32(stored) != int(local.crc[origin]):
@@ -271,33 +265,26 @@ class ShardReader:
                 self.read_into(origin, out[k], scale)
             return
         local = self._local()
-        per_shard = self.layout.origins_per_shard
-        if self.layout.codec is None:
-            shards, rows = np.divmod(origins, per_shard)
-            for a in range(0, len(origins), local.max_maps):  # views hold maps: max_maps at a time
-                b = min(a + local.max_maps, len(origins))
-                with local.lock:  # (1, *image) views: concatenate needs no per-view reshaping, as stack does
-                    views = [self._shard_locked(local, shard, origin).data[row:row + 1] for shard, row, origin
-                             in zip(shards[a:b].tolist(), rows[a:b].tolist(), origins[a:b].tolist())]
-                np.concatenate(views, out=out[a:b], casting="safe")
-            if scale != 1.0:
-                out *= out.dtype.type(scale)
-            return
-        # Decode each origin into a batch of the stored dtype (``out`` itself when no cast is
-        # needed), then each thread casts and scales its own rows: per-origin casts hold the
-        # GIL and kept a second thread idle.
+        shards, rows = np.divmod(origins, self.layout.origins_per_shard)
+        # Compressed: decode each origin into a batch of the stored dtype (``out`` itself when
+        # no cast is needed); each decode thread then casts and scales its own rows (per-origin
+        # casts hold the GIL and kept a second thread idle).
         direct = out.dtype == self.layout.dtype and scale == 1.0
-        stage = out if direct else np.empty((len(origins), *self.layout.image_shape), self.layout.dtype)
-        jobs: list[tuple[_Shard, int, int, int]] = []   # (shard, row, origin, target)
-        held: set[int] = set()  # shards the pending jobs point into
-        for k, origin in enumerate(origins.tolist()):
-            shard, row = divmod(origin, per_shard)
-            if shard not in held and len(held) >= local.max_maps:
-                self._decode_jobs(local, jobs, stage, out, scale)  # keep no more than max_maps shards in hand
-                jobs, held = [], set()
-            held.add(shard)
-            jobs.append((self._shard(local, shard, origin), row, origin, k))
-        self._decode_jobs(local, jobs, stage, out, scale)
+        stage = out if direct or self.layout.codec is None else np.empty(
+            (len(origins), *self.layout.image_shape), self.layout.dtype)
+        for a in range(0, len(origins), local.max_maps):  # a chunk holds at most max_maps shards open
+            b = min(a + local.max_maps, len(origins))
+            with local.lock:
+                entries = [self._shard_locked(local, shard, origin)
+                           for shard, origin in zip(shards[a:b].tolist(), origins[a:b].tolist())]
+            if self.layout.codec is None:  # (1, *image) views: concatenate needs no per-view reshaping
+                np.concatenate([e.data[row:row + 1] for e, row in zip(entries, rows[a:b].tolist())],
+                               out=out[a:b], casting="safe")
+            else:
+                self._decode_jobs(local, list(zip(entries, rows[a:b].tolist(), origins[a:b].tolist(), range(a, b))),
+                                  stage, out, scale)
+        if self.layout.codec is None and scale != 1.0:
+            out *= out.dtype.type(scale)
 
     def _decode_jobs(self, local: _Local, jobs: list, stage: np.ndarray, out: np.ndarray, scale: float) -> None:
         """Decode consecutive-target jobs into ``stage`` on threads; each thread then casts its rows into ``out``."""
