@@ -112,14 +112,11 @@ def plan_write_tasks(pending: list[int], per_shard: int, n_origins: int, ranges:
     consecutive shards and ends, once it has ``target_origins``, at the first shard
     boundary within one shard of a structure's end (or at twice the target).
     """
-    starts = ranges[:, 0] if len(ranges) else np.zeros(0, np.int64)
-    stops = ranges[:, 1] if len(ranges) else np.zeros(0, np.int64)
+    starts, stops = ranges[:, 0], ranges[:, 1]
 
     def near_structure_end(boundary: int) -> bool:
         k = int(np.searchsorted(stops, boundary, side="left"))  # the structure containing it, or ending at it
-        if k >= len(stops) or stops[k] == boundary or starts[k] == boundary:
-            return True
-        return min(boundary - starts[k], stops[k] - boundary) < per_shard
+        return k >= len(stops) or min(boundary - starts[k], stops[k] - boundary) < per_shard
 
     tasks: list[list[int]] = []
     count = 0
