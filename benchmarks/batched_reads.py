@@ -65,7 +65,7 @@ def raw_rate(cache: str, n_items: int, epochs: int = 3) -> float:
     from cache_tools import format as fmt
     from compressed_reads import single_file
 
-    scale = np.float32(fmt.dequantize_scale(fmt.read_attrs(cache)))
+    scale = np.float32(fmt.read_attrs(cache).scale)
     tmp = tempfile.TemporaryDirectory(prefix="batched-raw-")
     m = single_file(cache, tmp.name)
 
@@ -104,7 +104,7 @@ print(n / (time.perf_counter() - t))
 
 def profiled_memory(cache: str, epochs: int, out_dir: str) -> dict:
     """Run a 0-worker training loop under the profiler; return its memory summary."""
-    proc = subprocess.run([sys.executable, "-m", "cache_tools.cli", "profile-memory", "--interval", "0.1",
+    proc = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "profile-memory", "--interval", "0.1",
                            "--out", out_dir, "--", sys.executable, "-c", PROFILED_LOOP, cache, str(epochs)],
                           capture_output=True, text=True, check=True)
     summary = json.loads(Path(out_dir, "summary.json").read_text())

@@ -41,7 +41,7 @@ def bare_voxelizer_rate(cache: str) -> dict:
     from pipeline.parse import parse_atoms
 
     attrs = fmt.read_attrs(cache)
-    image, channels = attrs["params"]["image"], attrs["params"]["channels"]
+    image, channels = attrs.params.image, [list(c) for c in attrs.params.channels]
     centers = fmt.read_array(cache, fmt.CENTER)
     ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
     paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
@@ -50,12 +50,12 @@ def bare_voxelizer_rate(cache: str) -> dict:
         atoms = parse_atoms(fmt.ragged_item(*paths, k), channels)
         frames.append(pl.DataFrame({"x": atoms.xyz[:, 0], "y": atoms.xyz[:, 1], "z": atoms.xyz[:, 2],
                                     "channels": [[int(c)] for c in atoms.channel]}).with_columns(
-            radius_A=image["atom_radius_A"]))
+            radius_A=image.atom_radius_A))
     t = time.perf_counter()
     n = 0
     for k, (start, stop) in enumerate(ranges):
         for origin in range(start, stop):
-            grid = mmvox.Grid(image["grid_voxels"], image["resolution_A"], centers[origin].astype(np.float64))
+            grid = mmvox.Grid(image.grid_voxels, image.resolution_A, centers[origin].astype(np.float64))
             mmvox.image_from_atoms(frames[k], mmvox.ImageParams(channels=len(channels), grid=grid))
             n += 1
     elapsed = time.perf_counter() - t
@@ -83,7 +83,7 @@ def timed_build(inputs: str, out: str, workers: int, **kw) -> dict:
     t = time.perf_counter()
     summary = build_cache([inputs], out, params(**kw), workers=workers, progress=False)
     elapsed = time.perf_counter() - t
-    build = fmt.read_attrs(out)["build"]
+    build = fmt.read_attrs(out).build
     return {"workers": workers, **kw, "origins": summary.origins, "elapsed_s": elapsed,
             "origins_per_s": summary.origins / elapsed, "bytes_on_disk": summary.bytes_on_disk,
             "phase_s": build.get("phase_s"), "peak_worker_rss_bytes": summary.peak_worker_rss_bytes,

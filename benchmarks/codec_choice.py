@@ -19,7 +19,7 @@ from numcodecs import Blosc, zstd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_tools import format as fmt  # noqa: E402
-from cache_tools.reader import ShardReader  # noqa: E402
+from cache_tools.read.reader import ShardReader  # noqa: E402
 
 
 def main(caches: list[str]) -> None:

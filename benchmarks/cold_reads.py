@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     for cache in args.caches:
         layout = fmt.VoxelLayout(cache)
         if layout.codec is not None:  # the raw-read rows below read fixed-size origins by offset
-            p.error(f"{cache}: compressed ({layout.codec['name']}); cold_reads compares raw reads, "
+            p.error(f"{cache}: compressed ({layout.codec.name}); cold_reads compares raw reads, "
                     "build it with --compression none")
         n = layout.n_origins
         orders = {"shuffled": np.random.default_rng(0).permutation(n),

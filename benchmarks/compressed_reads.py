@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_tools import VoxelCacheDataset  # noqa: E402
 from cache_tools import format as fmt  # noqa: E402
-from cache_tools.reader import ShardReader  # noqa: E402
+from cache_tools.read.reader import ShardReader  # noqa: E402
 
 BATCH = 64
 REPEATS = 40  # short passes, many of them: the best pass dodges a busy machine's time slicing
@@ -68,7 +68,7 @@ def frames(root: str) -> list[bytes]:
     out = []
     for shard in range(layout.n_shards):
         data = layout.shard_path(shard).read_bytes()
-        index = np.frombuffer(data[-16 * layout.origins_per_shard:], "<u8").reshape(-1, 2)
+        index = np.frombuffer(data[-layout.index_nbytes:], "<u8").reshape(-1, 2)
         out += [data[int(o):int(o + n)] for o, n in index[:layout.origins_in_shard(shard)]]
     return out
 
@@ -78,7 +78,7 @@ def measure_pair(raw: str, packed: str, tmp: str) -> dict:
 
     layout = fmt.VoxelLayout(raw)
     assert fmt.VoxelLayout(packed).codec is not None and layout.codec is None
-    scale = np.float32(fmt.dequantize_scale(fmt.read_attrs(raw)))
+    scale = np.float32(fmt.read_attrs(raw).scale)
     m = single_file(raw, tmp)
     z = frames(packed)
     ds_raw = VoxelCacheDataset(raw, prefetch=False)

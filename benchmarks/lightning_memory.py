@@ -36,7 +36,7 @@ MIB = 2 ** 20
 
 def run(loader: str, args: argparse.Namespace, out: Path) -> dict:
     prof_dir = out / loader
-    cmd = [sys.executable, "-m", "cache_tools.cli", "profile-memory", "--out", str(prof_dir),
+    cmd = [sys.executable, "-m", "cache_tools.commands.cli", "profile-memory", "--out", str(prof_dir),
            "--interval", str(args.interval), "--",
            sys.executable, str(REPO / "workflows" / "train_lightning.py"), "--cache", args.cache,
            "--loader", loader, "--workers", str(args.workers), "--epochs", str(args.epochs),

@@ -56,7 +56,6 @@ REPO = HERE.parent
 SAMPLES = REPO / "tests" / "data" / "mmcif"
 MIB = 1 << 20
 LOADERS = ("seed-initial", "seed-sqlite", "cache")
-BARE = "bare"
 SUM_KEYS = ("pss_anon", "pss_file", "pss_shmem", "rss", "pss")
 
 if str(REPO) not in sys.path:          # run from a checkout, too
@@ -69,6 +68,7 @@ if str(REPO) not in sys.path:          # run from a checkout, too
 from cache_tools.profiler.phases import (ConstantDataset, make_loaders, run_phases,  # noqa: E402,F401
                                          take_snapshot, worker_pids)
 from cache_tools.profiler.proc import process_memory  # noqa: E402,F401
+from cache_tools.profiler.goals import BARE, evaluate_goals, fmt_number, goals_text, mean_or_none, size_label  # noqa: E402
 
 
 # ============================================================================================
@@ -217,8 +217,8 @@ def prepare_inputs(work: Path, sizes: list[int], grid: int, dtype: str, log: Cal
 def run_child(loader: str, size: int, inputs: dict[str, Any], config: dict, run_dir: Path,
               interval: float, cap_bytes: int | None, time_limit: float) -> dict[str, Any]:
     """Run one loader in a subprocess under MemoryProfiler (and a cgroup cap); return its record."""
-    from cache_tools.cgroup import MemoryCap
-    from cache_tools.memory import MemoryProfiler, ProfilerUnavailable
+    from cache_tools.profiler.cgroup import MemoryCap
+    from cache_tools.profiler import MemoryProfiler, ProfilerUnavailable
 
     run_dir.mkdir(parents=True, exist_ok=True)
     child_config = {**config, "loader": loader, "cache": inputs["cache"], "sqlite": inputs["sqlite"]}
@@ -330,27 +330,6 @@ def compact_snapshot(s: dict, t0: float) -> dict[str, Any]:
     return out
 
 
-# Snapshots at which a loader's workers are idle (their pass is over), in order; a worker's
-# memory is compared across these only (mid-pass it also holds batches in flight).
-def idle_labels(phase: str, epochs: int) -> list[str]:
-    """Labels of the snapshots, from the end of the loader's first pass on, where its workers are idle."""
-    labels = []
-    for e in range(1, epochs + 1):
-        if phase == "train":
-            labels += [f"epoch {e} end", f"validation {e} start", f"validation {e} end"]
-        else:
-            labels += [f"validation {e} end"] + ([f"epoch {e + 1} start", f"epoch {e + 1} end"] if e < epochs else [])
-    return labels
-
-
-def idle_series(run: dict, phase: str, key: str) -> list[list[float]]:
-    """Per worker of ``phase``, its ``key`` (MiB) at each idle snapshot (see idle_labels)."""
-    snaps = {s["label"]: s for s in run["snapshots"]}
-    points = [snaps[label][phase][key] for label in idle_labels(phase, run["epochs_run"])
-              if label in snaps and phase in snaps[label]]
-    return [list(w) for w in zip(*points)] if points else []
-
-
 def _series(run_dir: Path, pids: dict[str, set[int]], max_points: int = 600) -> dict[str, list]:
     """Per-sample Σ over the tree and mean USS of train / val workers, from the profiler's memory.csv."""
     rows: dict[float, list[dict]] = {}
@@ -432,18 +411,6 @@ def assemble(loader: str, size: int, status: str, returncode: int | None, elapse
 # ============================================================================================
 # report: tables, goals, plot
 # ============================================================================================
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{x:,.{digits}f}"
-
-
-def _mean(xs: list[float] | None) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _size_label(n: int) -> str:
-    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
 def worker_trace(run: dict, phase: str, key: str) -> str:
     """'start→end' of each epoch (or validation) of the mean over workers: '5.1→7.9, 7.9→8.0, ...'."""
     snaps = {s["label"]: s for s in run["snapshots"]}
@@ -453,16 +420,8 @@ def worker_trace(run: dict, phase: str, key: str) -> str:
         a, b = (snaps.get(f"{name} {e} {when}", {}).get(phase, {}).get(key) for when in ("start", "end"))
         if a is None and b is None:
             break
-        parts.append(f"{_fmt(_mean(a))}→{_fmt(_mean(b))}")
+        parts.append(f"{fmt_number(mean_or_none(a))}→{fmt_number(mean_or_none(b))}")
     return ", ".join(parts) or "—"
-
-
-def end_of_run_worker(run: dict, key: str) -> float | None:
-    """Mean ``key`` (MiB) over all workers (train and val) at the last snapshot."""
-    if not run["snapshots"]:
-        return None
-    last = run["snapshots"][-1]
-    return _mean(last.get("train", {}).get(key, []) + last.get("val", {}).get(key, []))
 
 
 def tables(runs: list[dict], capped: bool) -> str:
@@ -473,7 +432,7 @@ def tables(runs: list[dict], capped: bool) -> str:
              "| val-worker private anon |",
              "|---|---:|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['loader']} | {_size_label(r['origins']) if r['loader'] != BARE else '—'} "
+        lines.append(f"| {r['loader']} | {size_label(r['origins']) if r['loader'] != BARE else '—'} "
                      f"| {worker_trace(r, 'train', 'uss')} | {worker_trace(r, 'train', 'private_anon')} "
                      f"| {worker_trace(r, 'val', 'uss')} | {worker_trace(r, 'val', 'private_anon')} |")
     lines += ["", "Whole process tree (main + all workers), MiB. Peaks: the larger of the profiler's samples "
@@ -489,70 +448,20 @@ def tables(runs: list[dict], capped: bool) -> str:
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         peak = r.get("peak", {})
-        size = _size_label(r["origins"]) if r["loader"] != BARE else "—"
+        size = size_label(r["origins"]) if r["loader"] != BARE else "—"
         if capped:
             cg = r.get("cgroup") or {}
-            lines.append(f"| {r['loader']} | {size} | {_fmt(r['cache_bytes'] / MIB, 0)} | {r['status']} "
-                         f"| {r['images']:,} | {_fmt(r['images_per_s'])} | {_fmt(cg.get('peak_mib'), 0)} "
-                         f"| {cg.get('oom_kills', '—')} | {_fmt(peak.get('pss_anon'), 0)} "
-                         f"| {_fmt(peak.get('pss_file'), 0)} | {_fmt(peak.get('rss'), 0)} |")
+            lines.append(f"| {r['loader']} | {size} | {fmt_number(r['cache_bytes'] / MIB, 0)} | {r['status']} "
+                         f"| {r['images']:,} | {fmt_number(r['images_per_s'])} | {fmt_number(cg.get('peak_mib'), 0)} "
+                         f"| {cg.get('oom_kills', '—')} | {fmt_number(peak.get('pss_anon'), 0)} "
+                         f"| {fmt_number(peak.get('pss_file'), 0)} | {fmt_number(peak.get('rss'), 0)} |")
         else:
-            lines.append(f"| {r['loader']} | {size} | {r['status']} | {_fmt(r['images_per_s_after_epoch_1'])} "
-                         f"| {_fmt(peak.get('pss_anon'), 0)} | {_fmt((r.get('final') or {}).get('pss_anon'), 0)} "
-                         f"| {_fmt(r['sum_pss_anon_step_at_validation_mib'], 0)} "
-                         f"| {_fmt(peak.get('pss_file'), 0)} | {_fmt(peak.get('rss'), 0)} "
-                         f"| {_fmt(peak.get('pss'), 0)} |")
+            lines.append(f"| {r['loader']} | {size} | {r['status']} | {fmt_number(r['images_per_s_after_epoch_1'])} "
+                         f"| {fmt_number(peak.get('pss_anon'), 0)} | {fmt_number((r.get('final') or {}).get('pss_anon'), 0)} "
+                         f"| {fmt_number(r['sum_pss_anon_step_at_validation_mib'], 0)} "
+                         f"| {fmt_number(peak.get('pss_file'), 0)} | {fmt_number(peak.get('rss'), 0)} "
+                         f"| {fmt_number(peak.get('pss'), 0)} |")
     return "\n".join(lines)
-
-
-def evaluate_goals(runs: list[dict], uss_margin: float = 8.0, flat: float = 2.0, ratio_goal: float = 20.0
-                   ) -> list[dict[str, Any]]:
-    """The issue's goals, each with the measured numbers and met / missed (not asserted)."""
-    goals: list[dict[str, Any]] = []
-    bare = next((r for r in runs if r["loader"] == BARE and r["status"] == "completed"), None)
-    bare_uss = end_of_run_worker(bare, "uss") if bare else None
-    caches = [r for r in runs if r["loader"] == "cache" and r["status"] == "completed"]
-    for r in caches:
-        size = _size_label(r["origins"])
-        worst = max((v for phase in ("train", "val") for w in idle_series(r, phase, "uss") for v in w), default=None)
-        if bare_uss is not None:
-            goals.append({"goal": f"cache worker USS ≤ bare worker USS + {uss_margin:.0f} MiB ({size})",
-                          "measured": f"largest cache worker USS {_fmt(worst)} MiB; bare worker {_fmt(bare_uss)} MiB",
-                          "met": worst is not None and worst <= bare_uss + uss_margin})
-        for key, what in (("uss", "USS"), ("private_anon", "private anon")):
-            drifts = [max(abs(v - w[0]) for v in w) for phase in ("train", "val")
-                      for w in idle_series(r, phase, key) if w]
-            drift = max(drifts) if drifts else None
-            goals.append({"goal": f"cache worker {what} flat within ±{flat:.0f} MiB across epochs and the "
-                                  f"start of validation ({size})",
-                          "measured": f"largest change of a worker from the end of its first pass on: "
-                                      f"{_fmt(drift, 2)} MiB",
-                          "met": drift is not None and drift <= flat})
-    if len(caches) >= 2:
-        for key, what in (("uss", "USS"), ("private_anon", "private anon")):
-            ends = {r["origins"]: end_of_run_worker(r, key) for r in caches}
-            diff = max(ends.values()) - min(ends.values())
-            goals.append({"goal": f"cache worker {what} the same at every size (within {flat:.0f} MiB)",
-                          "measured": ", ".join(f"{_size_label(k)}: {_fmt(v)} MiB" for k, v in sorted(ends.items())),
-                          "met": diff <= flat})
-    for r in caches:
-        seed = next((s for s in runs if s["loader"] == "seed-initial" and s["origins"] == r["origins"]), None)
-        if seed and seed["peak"]["pss_anon"] and r["peak"]["pss_anon"]:
-            ratio = seed["peak"]["pss_anon"] / r["peak"]["pss_anon"]
-            floor = ""  # what the processes cost beyond forked workers that load nothing
-            if bare and bare["peak"]["pss_anon"]:
-                b = bare["peak"]["pss_anon"]
-                floor = (f"; above the {_fmt(b, 0)} MiB of the bare loader's processes: "
-                         f"+{_fmt(seed['peak']['pss_anon'] - b, 0)} vs +{_fmt(r['peak']['pss_anon'] - b, 0)} MiB")
-            goals.append({"goal": f"Σ Pss_Anon ≥ {ratio_goal:.0f}× below seed-initial ({_size_label(r['origins'])})",
-                          "measured": f"peak {_fmt(seed['peak']['pss_anon'], 0)} vs {_fmt(r['peak']['pss_anon'], 0)}"
-                                      f" MiB: {ratio:.1f}×{floor}",
-                          "met": ratio >= ratio_goal})
-    return goals
-
-
-def goals_text(goals: list[dict]) -> str:
-    return "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['goal']} — {g['measured']}" for g in goals)
 
 
 COLORS = {"seed-initial": "#d62728", "seed-sqlite": "#ff7f0e", "cache": "#1f77b4", BARE: "#7f7f7f"}
@@ -597,7 +506,7 @@ def plot(runs: list[dict], png: Path, cap_bytes: int | None, title: str) -> None
     epochs = max((r["epochs_run"] for r in runs), default=1)
     for r in runs:
         s = r["series"]
-        label = f"{r['loader']} {_size_label(r['origins'])}" if r["loader"] != BARE else "bare worker"
+        label = f"{r['loader']} {size_label(r['origins'])}" if r["loader"] != BARE else "bare worker"
         kw = dict(color=COLORS.get(r["loader"], "k"), ls=style.get(r["origins"], "-") if r["loader"] != BARE
                   else "-", lw=1.3, label=label)
         if s and s["t_s"]:
@@ -612,9 +521,9 @@ def plot(runs: list[dict], png: Path, cap_bytes: int | None, title: str) -> None
         # exact values at the epoch / validation boundaries, from the child's own snapshots
         marker = dict(color=kw["color"], marker=".", ls="none", ms=5)
         for ax, get in ((a, lambda sn: sn["sums"]["pss_anon"]),
-                        (c, lambda sn: _mean(sn.get("train", {}).get("uss"))),
-                        (d, lambda sn: _mean(sn.get("val", {}).get("uss"))),
-                        (e, lambda sn: _mean(sn.get("train", {}).get("private_anon")))):
+                        (c, lambda sn: mean_or_none(sn.get("train", {}).get("uss"))),
+                        (d, lambda sn: mean_or_none(sn.get("val", {}).get("uss"))),
+                        (e, lambda sn: mean_or_none(sn.get("train", {}).get("private_anon")))):
             pts = [(snapshot_x(sn["label"]), get(sn)) for sn in r["snapshots"]]
             pts = [(x_, y_) for x_, y_ in pts if x_ is not None and y_ is not None]
             if pts:
@@ -643,7 +552,7 @@ def plot(runs: list[dict], png: Path, cap_bytes: int | None, title: str) -> None
     labels, parts = [], {"main": [], "train workers": [], "val workers": [], "other": []}
     for r in runs:
         last = r["snapshots"][-1] if r["snapshots"] else None
-        labels.append(f"{r['loader']}\n{_size_label(r['origins'])}" if r["loader"] != BARE else "bare")
+        labels.append(f"{r['loader']}\n{size_label(r['origins'])}" if r["loader"] != BARE else "bare")
         main = (last or {}).get("main", {}).get("pss_anon", 0.0)
         tr = sum((last or {}).get("train", {}).get("pss_anon", []))
         va = sum((last or {}).get("val", {}).get("pss_anon", []))
@@ -711,8 +620,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from cache_tools.cgroup import CgroupUnavailable, MemoryCap
-    from cache_tools.memory import parse_size
+    from cache_tools.profiler.cgroup import CgroupUnavailable, MemoryCap
+    from cache_tools.profiler import parse_size
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]

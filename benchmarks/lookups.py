@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache_tools import VoxelCacheDataset  # noqa: E402
 from cache_tools import format as fmt  # noqa: E402
 from cache_tools import where  # noqa: E402
-from cache_tools.structure_meta import StructureColumns  # noqa: E402
-from cache_tools.subset import create_subset  # noqa: E402
+from cache_tools.read.structure_meta import StructureColumns  # noqa: E402
+from cache_tools.commands.subset import create_subset  # noqa: E402
 
 EM = 1 << fmt.METHODS.index("ELECTRON MICROSCOPY")
 
@@ -65,7 +65,7 @@ def make_cache(root: Path, m: int, per: int, seed: int = 0) -> None:
     fmt.write_array(root, fmt.STRUCTURE_POLYMER, np.ones(m, np.uint8))
     fmt.write_array(root, fmt.STRUCTURE_N_CHAINS, rng.integers(1, 12, m).astype(np.int32))
     fmt.write_array(root, fmt.STRUCTURE_SPLIT, (rng.random(m) < 0.1).astype(np.uint8))
-    fmt.update_attrs(root, splits=["train", "val"])
+    fmt.update_attrs(root, splits=("train", "val"))
 
 
 def make_sqlite(root: Path, db: Path) -> sqlite3.Connection:

@@ -135,8 +135,8 @@ def on_the_fly_us(cache: str, ids: list[int]) -> float:
     from pipeline.parse import parse_atoms
 
     attrs = fmt.read_attrs(cache)
-    image = attrs["params"]["image"]
-    channels = attrs["params"]["channels"]
+    image = attrs.params.image
+    channels = [list(c) for c in attrs.params.channels]
     sindex = fmt.read_array(cache, fmt.STRUCTURE_INDEX)
     centers = fmt.read_array(cache, fmt.CENTER)
     paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
@@ -146,8 +146,8 @@ def on_the_fly_us(cache: str, ids: list[int]) -> float:
         atoms = parse_atoms(fmt.ragged_item(*paths, int(sindex[i])), channels)
         df = pl.DataFrame({"x": atoms.xyz[:, 0], "y": atoms.xyz[:, 1], "z": atoms.xyz[:, 2],
                            "channels": [[int(c)] for c in atoms.channel]}).with_columns(
-            radius_A=image["atom_radius_A"])
-        grid = mmvox.Grid(image["grid_voxels"], image["resolution_A"], centers[i].astype(np.float64))
+            radius_A=image.atom_radius_A)
+        grid = mmvox.Grid(image.grid_voxels, image.resolution_A, centers[i].astype(np.float64))
         img, _ = mmvox.image_from_atoms(df, mmvox.ImageParams(channels=len(channels), grid=grid))
         torch.from_numpy(img)
         times.append(time.perf_counter() - t)

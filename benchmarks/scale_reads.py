@@ -2,7 +2,7 @@
 
 For each cache: Dataset construction time, pickled size, per-item ds[i] and batched
 ds[ids] (64 random ids) time on a warm page cache, bytes per origin on disk, and each
-DataLoader worker's private anonymous memory (cache_tools.memory.private_anon) after
+DataLoader worker's private anonymous memory (cache_tools.profiler.private_anon) after
 each of several epochs (bounded: the same number of random batches per epoch on both
 caches, so the work is equal and only the cache size differs).
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_tools import VoxelCacheDataset, batch_collate  # noqa: E402
 from cache_tools import format as fmt  # noqa: E402
-from cache_tools.memory import private_anon, read_smaps_rollup  # noqa: E402
+from cache_tools.profiler import private_anon, read_smaps_rollup  # noqa: E402
 
 BATCH = 64
 

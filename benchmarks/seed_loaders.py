@@ -54,10 +54,9 @@ class ImageParams:
 
 def image_params(cache: str | os.PathLike) -> ImageParams:
     """The parameters the cache was built with, so the seeds make the same images."""
-    params = fmt.read_attrs(cache)["params"]
-    image = params["image"]
-    return ImageParams(int(image["grid_voxels"]), float(image["resolution_A"]),
-                       float(image["atom_radius_A"]), params["channels"])
+    params = fmt.read_attrs(cache).params
+    return ImageParams(params.image.grid_voxels, float(params.image.resolution_A),
+                       float(params.image.atom_radius_A), [list(c) for c in params.channels])
 
 
 def origin_table(cache: str | os.PathLike, rows: int | None = None) -> dict[str, np.ndarray]:

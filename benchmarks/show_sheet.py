@@ -37,8 +37,8 @@ def main() -> int:
     args = p.parse_args()
 
     t = time.perf_counter()
-    from cache_tools.show import collect, contact_sheet
-    import cache_tools.dataset  # noqa: F401  (torch)
+    from cache_tools.commands.show import collect, contact_sheet
+    import cache_tools.read.dataset  # noqa: F401  (torch)
     import matplotlib.backends.backend_agg  # noqa: F401
     imports = time.perf_counter() - t
 
@@ -48,7 +48,7 @@ def main() -> int:
         t_figure, fig = best(lambda: contact_sheet(sheet), args.repeats)
         t_save, _ = best(lambda: fig.savefig(out), args.repeats)
         png_bytes = out.stat().st_size
-        command = [sys.executable, "-m", "cache_tools.cli", "show", args.cache, "--random", str(args.origins),
+        command = [sys.executable, "-m", "cache_tools.commands.cli", "show", args.cache, "--random", str(args.origins),
                    "--seed", str(args.seed), "--out", str(out)]
         t_cli, _ = best(lambda: subprocess.run(command, check=True, capture_output=True), 3)
     result = {"origins": args.origins, "rows": len(sheet.rows), "channels": len(sheet.channels),

@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 COMMANDS = [
+    ["pipeline"],
     ["pipeline", "build-cache"],
+    ["pipeline", "check"],
+    ["cache-tools"],
     ["cache-tools", "info"],
     ["cache-tools", "split"],
     ["cache-tools", "subset"],
@@ -17,7 +20,7 @@ COMMANDS = [
     ["cache-tools", "show"],
     ["cache-tools", "profile-memory"],
 ]
-MODULES = {"pipeline": "pipeline.cli", "cache-tools": "cache_tools.cli"}
+MODULES = {"pipeline": "pipeline.cli", "cache-tools": "cache_tools.commands.cli"}
 
 
 def help_text(command: list[str]) -> str:

@@ -31,7 +31,7 @@ import pipeline
 from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.cluster import dask_client, run_task, wait_all
-from pipeline.errors import BuildError, InputError  # also imported from here by tests and scripts
+from pipeline.errors import BuildError, InputError
 from pipeline.inputs import expand_inputs, structure_ids
 from pipeline.lock import BuildLock, LockedError
 from pipeline.origins import OriginRule, read_origins_file
@@ -63,42 +63,54 @@ class BuildParams:
     compression: str = "none"   # fmt.COMPRESSIONS; the CLI defaults to fmt.DEFAULT_COMPRESSION
     compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
 
-    def fingerprint(self, sources: list[Path]) -> dict:
-        origins_sha = fmt.file_sha256(self.origins_file) if self.origins_file else None
-        return {
-            "channels": self.channels,
-            "image": asdict(self.image),
-            "voxelizer": self.image.voxelizer_attrs(),
-            "storage": self.storage.to_attrs(),
-            "origins": (self.rule.to_attrs() if not self.origins_file else
-                        {"rule": "file", "path": str(self.origins_file), "sha256": origins_sha,
-                         "seed": self.rule.seed}),  # the seed still draws --rotations
-            "rotations": self.rotations,
-            "centers": "exact" if self.exact_centers else "lattice",
-            "origins_per_shard": self.origins_per_shard,
-            "inputs_sha256": hashlib.sha256("\n".join(map(str, sources)).encode("utf-8", "surrogateescape")).hexdigest(),
-            "n_inputs": len(sources),
-            # only when set, so caches built before the option existed still resume
-            **({"keep_duplicates": True} if self.keep_duplicates else {}),
-            # only when compressed, so uncompressed caches keep the fingerprint they always had
-            **({"compression": {"codec": self.compression, "level": self.compression_level}}
-               if self.compression != "none" else {}),
-        }
+    def cache_params(self, sources: list[Path]) -> fmt.CacheParams:
+        """The format's record of these parameters and inputs: equal records resume a build."""
+        origins = (fmt.OriginsParams(**self.rule.to_attrs()) if not self.origins_file else
+                   fmt.OriginsParams("file", seed=self.rule.seed,  # the seed still draws --rotations
+                                     path=str(self.origins_file), sha256=fmt.file_sha256(self.origins_file)))
+        return fmt.CacheParams(
+            channels=tuple(tuple(c) for c in self.channels),
+            image=fmt.ImageParams(**asdict(self.image)),
+            voxelizer=fmt.VoxelizerParams(**self.image.voxelizer_attrs()),
+            storage=self.storage.params(),
+            origins=origins,
+            rotations=self.rotations,
+            centers="exact" if self.exact_centers else "lattice",
+            origins_per_shard=self.origins_per_shard,
+            inputs_sha256=hashlib.sha256("\n".join(map(str, sources)).encode("utf-8", "surrogateescape")).hexdigest(),
+            n_inputs=len(sources),
+            keep_duplicates=self.keep_duplicates,
+            compression=(fmt.Compression(self.compression, self.compression_level)
+                         if self.compression != "none" else None))
+
+    @classmethod
+    def from_cache(cls, params: fmt.CacheParams) -> "BuildParams":
+        """The parameters a cache was built with (to re-voxelize its origins)."""
+        rule = params.origins
+        return cls(
+            channels=[list(c) for c in params.channels], image=ImageSpec(**params.image.to_json()),
+            storage=Storage(params.storage.dtype, params.storage.uint8_max or fmt.UINT8_DEFAULT_MAX),
+            rule=OriginRule(seed=rule.seed) if rule.rule == "file" else OriginRule(
+                rule.min_neighbors, rule.neighbor_radius_A, rule.min_spacing_A, rule.max_per_structure, rule.seed),
+            rotations=params.rotations, origins_file=rule.path, origins_per_shard=params.origins_per_shard,
+            keep_duplicates=params.keep_duplicates, exact_centers=not params.snapped,
+            **({"compression": params.compression.codec, "compression_level": params.compression.level}
+               if params.compression else {}))
 
 
 @dataclass
 class BuildSummary:
     out: str
     structures_ok: int = 0
-    failures: list[dict] = field(default_factory=list)
+    failures: list[fmt.InputNote] = field(default_factory=list)
     origins: int = 0
     bytes_on_disk: int = 0
     elapsed_s: float = 0.0
     resumed: bool = False
     already_complete: bool = False
     saturated_voxels: int = 0
-    duplicates: list[dict] = field(default_factory=list)
-    empty: list[dict] = field(default_factory=list)  # --origins rows with no atom in their image
+    duplicates: list[fmt.InputNote] = field(default_factory=list)
+    empty: list[fmt.InputNote] = field(default_factory=list)  # --origins rows with no atom in their image
     peak_worker_rss_bytes: dict | None = None  # {"scan"|"voxelize": a worker's largest peak RSS in a task}
 
 
@@ -156,7 +168,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
             raise InputError(f"{params.origins_file}: {len(unknown)} structure ids match no input file: "
                              f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} "
                              f"(ids are file names without .cif/.cif.gz, e.g. {ids[0]})")
-    fingerprint = params.fingerprint(sources)
+    fingerprint = params.cache_params(sources)
     try:
         lock = BuildLock(root).__enter__()
     except LockedError as exc:
@@ -168,7 +180,7 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
         lock.__exit__(None, None, None)
 
 
-def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint: dict, params: BuildParams,
+def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint: fmt.CacheParams, params: BuildParams,
            workers: int | None, scheduler: str | None, overwrite: bool, progress: bool,
            started: float) -> BuildSummary:
     """build_cache's work, under the cache's lock."""
@@ -177,7 +189,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     if summary.resumed:
         fmt.remove_temporaries(root)  # of writes a crash interrupted: they may fill a disk
     attrs = fmt.read_attrs(root)
-    if attrs.get("complete"):
+    if attrs.complete:
         summary.already_complete = True
         return _summarize(root, attrs, summary, started)
 
@@ -228,9 +240,9 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     saturated = sum(sat for _, sat in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
-        root, complete=True, failures=table.failures, duplicates=table.duplicates, empty=table.empty,
-        metadata_crc32=fmt.metadata_checksums(root),
-        build={**(attrs.get("build") or {}),
+        root, complete=True, failures=tuple(table.failures), duplicates=tuple(table.duplicates),
+        empty=tuple(table.empty), metadata_crc32=fmt.metadata_checksums(root),
+        build={**attrs.build,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
                "saturated_voxels": saturated,
@@ -241,7 +253,7 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     return _summarize(root, attrs, summary, started)
 
 
-def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
+def _prepare_store(root: Path, fingerprint: fmt.CacheParams, overwrite: bool) -> bool:
     """Create the store, or check an existing one matches; returns True when resuming."""
     if root.exists():
         if not root.is_dir():
@@ -250,7 +262,7 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
             attrs = fmt.read_attrs(root)
         except fmt.CacheError:
             attrs = None
-        if attrs is not None and attrs.get("params") == fingerprint:
+        if attrs is not None and attrs.params == fingerprint:
             return True  # same parameters and inputs: resume (or nothing to do), --overwrite or not
         # A build stopped before its first zarr.json (disk full, kill) leaves only these.
         if attrs is None and any(p.name != fmt.BUILD_DIR and not p.name.startswith(".zarr.json.tmp-")
@@ -259,25 +271,23 @@ def _prepare_store(root: Path, fingerprint: dict, overwrite: bool) -> bool:
                              "(choose another --out)")
         if attrs is not None and not overwrite and _has_finished_work(root, attrs):
             raise InputError(f"{root}: existing cache was built with other parameters or inputs "
-                             f"({describe_changes(attrs.get('params') or {}, fingerprint)}); "
+                             f"({describe_changes(attrs.params.to_json(), fingerprint.to_json())}); "
                              "pass --overwrite to replace it")
         if attrs is not None:
             shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
-    fmt.write_json_atomic(root / "zarr.json", fmt.group_metadata({
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "complete": False,
-        "params": fingerprint, "pipeline_version": pipeline.__version__,
-        "build": {"started": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    }))
+    fmt.write_attrs(root, fmt.CacheAttrs(
+        params=fingerprint, complete=False, pipeline_version=pipeline.__version__,
+        build={"started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     return False
 
 
-def _has_finished_work(root: Path, attrs: dict) -> bool:
+def _has_finished_work(root: Path, attrs: fmt.CacheAttrs) -> bool:
     """Whether a store holds anything a rebuild would redo: a complete cache, a structure
     parsed with origins (its atoms are kept), or a written shard. A store left by a build
     that failed or stopped before any of that (every input failed, no scheduler) is not."""
-    return bool(attrs.get("complete")) or any(
+    return attrs.complete or any(
         any(write.build_dir(root, part).glob("*")) for part in ("atoms", "done") if write.build_dir(root, part).is_dir())
 
 
@@ -320,9 +330,9 @@ class ScanTable:
     n_atoms: list[int] = field(default_factory=list)
     centers: list[np.ndarray] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)        # metadata.scan_fields of each
-    failures: list[dict] = field(default_factory=list)    # {path, id, reason}
-    duplicates: list[dict] = field(default_factory=list)  # {path, id, same_as}
-    empty: list[dict] = field(default_factory=list)       # {path, id, reason}
+    failures: list[fmt.InputNote] = field(default_factory=list)    # path, id, reason
+    duplicates: list[fmt.InputNote] = field(default_factory=list)  # path, id, same_as
+    empty: list[fmt.InputNote] = field(default_factory=list)       # path, id, reason
     ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) origins
 
     @property
@@ -336,15 +346,15 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
         if "reason" in res:
-            table.failures.append({"path": str(src), "id": ids[i], "reason": str(res["reason"])})
+            table.failures.append(fmt.InputNote(str(src), ids[i], reason=str(res["reason"])))
             continue
         sha = str(res["sha256"])
         if sha in first_with and not keep_duplicates:  # same bytes: the same images again
-            table.duplicates.append({"path": str(src), "id": ids[i], "same_as": ids[first_with[sha]]})
+            table.duplicates.append(fmt.InputNote(str(src), ids[i], same_as=ids[first_with[sha]]))
             continue
         first_with.setdefault(sha, i)
         if str(res.get("empty_origins", "")):
-            table.empty.append({"path": str(src), "id": ids[i], "reason": str(res["empty_origins"])})
+            table.empty.append(fmt.InputNote(str(src), ids[i], reason=str(res["empty_origins"])))
         table.entry_ids.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
                                else fmt.entry_id_from_name(ids[i]))
         table.file_index.append(i)
@@ -394,15 +404,15 @@ def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.Voxe
     return fmt.VoxelLayout(root)
 
 
-def _summarize(root: Path, attrs: dict, summary: BuildSummary, started: float) -> BuildSummary:
+def _summarize(root: Path, attrs: fmt.CacheAttrs, summary: BuildSummary, started: float) -> BuildSummary:
     layout = fmt.VoxelLayout(root)
     summary.origins = layout.n_origins
     summary.structures_ok = len(fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT))
-    summary.failures = attrs.get("failures", [])
+    summary.failures = list(attrs.failures)
     summary.bytes_on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     summary.elapsed_s = time.time() - started
-    summary.saturated_voxels = (attrs.get("build") or {}).get("saturated_voxels", 0)
-    summary.duplicates = attrs.get("duplicates", [])
-    summary.empty = attrs.get("empty", [])
-    summary.peak_worker_rss_bytes = (attrs.get("build") or {}).get("peak_worker_rss_bytes")
+    summary.saturated_voxels = attrs.saturated_voxels
+    summary.duplicates = list(attrs.duplicates)
+    summary.empty = list(attrs.empty)
+    summary.peak_worker_rss_bytes = attrs.build.get("peak_worker_rss_bytes")
     return summary

@@ -1,4 +1,4 @@
-"""`pipeline`: build voxel caches from mmCIF files.
+"""`pipeline`: build voxel caches from mmCIF files, and check or repair them with the build's code.
 
 Exit codes of `pipeline build-cache`:
   0  the cache is complete (inputs that failed, if any, are listed and recorded in it);
@@ -15,8 +15,8 @@ import sys
 
 from cache_tools.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL, STORAGE_DTYPES,
                                 UINT8_DEFAULT_MAX)
-from cache_tools.options import (OneLineParser, non_negative_float, non_negative_int, positive_float,
-                                 positive_int)
+from cache_tools.commands.options import (OneLineParser, human_bytes, non_negative_float, non_negative_int,
+                                          positive_float, positive_int)
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=__doc__.split("\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_build_arguments(p)
+    from cache_tools.commands.check import add_arguments as add_check_arguments
+    c = sub.add_parser("check", help="cache-tools check, with the options that need the build's code",
+                       description="`cache-tools check`, plus what needs the build's code: --sources PATH "
+                                   "(sources found by structure id), --spot-check N (origins re-voxelized) "
+                                   "and --repair (damaged shards rewritten from their sources). "
+                                   "`cache-tools check` runs this command for those options.")
+    add_check_arguments(c)
     return parser
 
 
@@ -134,24 +141,16 @@ def check_image_fits(image, workers: int | None) -> None:
     buffer, the stored copy and the shard being written); more than the memory budget
     (RAM, or the cgroup limit) would end in worker MemoryErrors instead of one line.
     """
-    from cache_tools.cgroup import memory_budget
+    from cache_tools.read.budget import memory_budget
 
     per_image = 4 * image.n_channels * image.grid_voxels ** 3
     n = workers or max(1, os.cpu_count() or 1)
     budget = memory_budget()
     if 3 * per_image * n > budget:
-        raise ValueError(f"--grid-voxels {image.grid_voxels}: one image is {_human(per_image)} "
+        raise ValueError(f"--grid-voxels {image.grid_voxels}: one image is {human_bytes(per_image)} "
                          f"({image.n_channels} channels x {image.grid_voxels}^3 float32), and {n} workers "
-                         f"need about {_human(3 * per_image * n)}, more than this machine's memory "
-                         f"budget ({_human(budget)}); use a smaller grid or fewer --workers")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+                         f"need about {human_bytes(3 * per_image * n)}, more than this machine's memory "
+                         f"budget ({human_bytes(budget)}); use a smaller grid or fewer --workers")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -168,7 +167,7 @@ def run_build(args: argparse.Namespace) -> int:
                               scheduler=args.scheduler, overwrite=args.overwrite, progress=not args.quiet)
     except BuildError as exc:
         for failure in exc.failures:
-            print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
+            print(f"FAILED {failure.path}: {failure.reason}", file=sys.stderr)
         print(f"pipeline build-cache: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InputError) else 1
     except OSError as exc:  # e.g. disk full while writing: the store stays resumable
@@ -181,11 +180,11 @@ def run_build(args: argparse.Namespace) -> int:
         print("pipeline build-cache: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     for failure in summary.failures:
-        print(f"FAILED {failure['path']}: {failure['reason']}", file=sys.stderr)
+        print(f"FAILED {failure.path}: {failure.reason}", file=sys.stderr)
     for note in summary.empty:
-        print(f"EMPTY {note['path']}: {note['reason']}", file=sys.stderr)
+        print(f"EMPTY {note.path}: {note.reason}", file=sys.stderr)
     for dup in summary.duplicates:
-        print(f"SKIPPED {dup['path']}: same content as {dup['same_as']} (--keep-duplicates keeps it)",
+        print(f"SKIPPED {dup.path}: same content as {dup.same_as} (--keep-duplicates keeps it)",
               file=sys.stderr)
     state = ("already complete, nothing to do" if summary.already_complete
              else "resumed and completed" if summary.resumed else "complete")
@@ -193,10 +192,10 @@ def run_build(args: argparse.Namespace) -> int:
           f"  structures: {summary.structures_ok} ok, {len(summary.failures)} failed"
           + (f", {len(summary.duplicates)} duplicates skipped" if summary.duplicates else "") + "\n"
           f"  origins:    {summary.origins}\n"
-          f"  size:       {_human(summary.bytes_on_disk)} ({params.storage.dtype}"
+          f"  size:       {human_bytes(summary.bytes_on_disk)} ({params.storage.dtype}"
           f"{', ' + params.compression if params.compression != 'none' else ''})\n"
           f"  elapsed:    {summary.elapsed_s:.1f} s" +
-          (f"\n  memory:     peak RSS per worker {_human(peak['scan'])} (scan), {_human(peak['voxelize'])} (voxelize)"
+          (f"\n  memory:     peak RSS per worker {human_bytes(peak['scan'])} (scan), {human_bytes(peak['voxelize'])} (voxelize)"
            if (peak := summary.peak_worker_rss_bytes) and peak.get("scan") and peak.get("voxelize")
            and not summary.already_complete else "") +
           (f"\n  saturated:  {summary.saturated_voxels} voxels clipped at --uint8-max {params.storage.uint8_max}"
@@ -208,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build-cache":
         return run_build(args)
-    return 2
+    from pipeline.repair import run_check
+    try:
+        return run_check(args)
+    except KeyboardInterrupt:
+        print(f"{os.environ.get('VOXEL_CACHE_CALLER', 'pipeline check')}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

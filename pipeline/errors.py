@@ -5,10 +5,10 @@ from __future__ import annotations
 class BuildError(Exception):
     """The build cannot finish; str() is a one-line reason (exit code 1).
 
-    ``failures`` lists the inputs that failed ({path, id, reason}), for the caller to show.
+    ``failures`` lists the inputs that failed (``format.InputNote``), for the caller to show.
     """
 
-    def __init__(self, message: str, failures: list[dict] | None = None):
+    def __init__(self, message: str, failures: list | None = None):
         super().__init__(message)
         self.failures = failures or []
 

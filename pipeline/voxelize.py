@@ -14,7 +14,7 @@ import numpy as np
 import macromol_voxelize as mmvox
 from macromol_voxelize._voxelize import AggAlgorithm, FillAlgorithm, Grid, _add_atoms_to_image
 
-from cache_tools.format import UINT8_DEFAULT_MAX
+from cache_tools.format import UINT8_DEFAULT_MAX, StorageParams
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,6 @@ class Storage:
         saturated = int(np.count_nonzero(q > 255))
         return np.clip(q, 0, 255).astype(np.uint8), saturated
 
-    def to_attrs(self) -> dict:
-        return {"dtype": self.dtype, "scale": self.scale, "max_abs_error": self.max_abs_error,
-                **({"uint8_max": self.uint8_max} if self.dtype == "uint8" else {})}
+    def params(self) -> StorageParams:
+        return StorageParams(self.dtype, self.scale, self.max_abs_error,
+                             self.uint8_max if self.dtype == "uint8" else None)

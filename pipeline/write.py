@@ -52,18 +52,9 @@ def done_path(root, shard: int) -> Path:
 
 
 def shard_is_done(root, layout: fmt.VoxelLayout, shard: int) -> bool:
-    """A shard is done when its marker exists and its file has exactly the expected size
-    (compressed: a size its own shard index accounts for)."""
-    path = layout.shard_path(shard)
-    if not (done_path(root, shard).exists() and path.exists()):
-        return False
-    size = path.stat().st_size
-    if layout.codec is None:
-        return size == layout.shard_nbytes(shard)
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - 16 * layout.origins_per_shard))
-        tail = np.frombuffer(fh.read(), np.uint8)
-    return fmt.index_problem(layout, shard, fmt.shard_index_of(layout, tail), size) is None
+    """A shard is done when its marker exists and its file passes the format's shard check
+    (its size, and an index that accounts for it)."""
+    return done_path(root, shard).exists() and layout.shard_problem(shard) is None
 
 
 class ChecksumMismatch(ValueError):

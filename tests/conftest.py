@@ -36,6 +36,17 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory) -> Path:
+    """The README's sample: every bundled mmCIF, the default parameters of `pipeline build-cache`."""
+    from pipeline.cli import build_parser, params_from_args
+
+    out = tmp_path_factory.mktemp("sample") / "sample.zarr"
+    args = build_parser().parse_args(["build-cache", str(DATA), "--out", str(out)])
+    build_cache([str(DATA)], out, params_from_args(args), workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def cache_factory(tmp_path_factory):
     """Build (once per session) a small cache for each storage dtype / rotation count asked for."""
     built: dict[tuple, Path] = {}

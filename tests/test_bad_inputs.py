@@ -289,8 +289,8 @@ def test_combined_cli_run_lists_each_bad_file_once_and_builds_the_good_ones(bad_
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     attrs = fmt.read_attrs(out)
-    assert attrs["complete"] is True
-    failures = attrs["failures"]
+    assert attrs.complete is True
+    failures = [f.to_json() for f in attrs.failures]
     assert sorted(Path(f["path"]).name for f in failures) == sorted(BAD)
     # stderr holds exactly one `FAILED path: reason` line per bad file, and nothing else
     expected = sorted(f"FAILED {f['path']}: {f['reason']}".encode("utf-8", "backslashreplace").decode()
@@ -308,7 +308,7 @@ def test_combined_cli_run_lists_each_bad_file_once_and_builds_the_good_ones(bad_
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_file_reason(bad_run, name):
     src, out, _ = bad_run
-    (failure,) = [f for f in fmt.read_attrs(out)["failures"] if Path(f["path"]).name == name]
+    (failure,) = [f.to_json() for f in fmt.read_attrs(out).failures if Path(f.path).name == name]
     assert failure["path"] == str(src / name)
     assert failure["id"] == structure_key(name)
     assert_one_line(failure["reason"])
@@ -609,7 +609,7 @@ def test_missing_and_unreadable_inputs(tmp_path):
     finally:
         for path in (locked, tree / "sub", secret):
             path.chmod(0o755)
-    assert fmt.read_attrs(out)["failures"] == [
+    assert [f.to_json() for f in fmt.read_attrs(out).failures] == [
         {"path": str(secret), "id": "secret", "reason": "cannot read: Permission denied"}]
     assert sorted(structures(out)) == ["1aa5", "1c58"]
 
@@ -658,7 +658,7 @@ def test_full_disk_exits_1_and_the_rerun_resumes_to_a_clean_build(tmp_path, smal
         assert proc.returncode == 1, (size, proc.stderr)
         assert proc.stderr == ("pipeline build-cache: No space left on device; free space and rerun "
                                "the same command to resume\n"), size
-        assert fmt.read_attrs(out)["complete"] is False
+        assert fmt.read_attrs(out).complete is False
         assert_no_pickles(out)  # the resumable state (.build/*.npz) too
         phases.append(phase_reached(out, len(files)))
     assert phases == ["scan", "layout", "write"], "retune the tmpfs sizes to stop in each phase"
@@ -666,7 +666,7 @@ def test_full_disk_exits_1_and_the_rerun_resumes_to_a_clean_build(tmp_path, smal
     proc = run_cli(*args, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and "resumed and completed" in proc.stdout
-    assert fmt.read_attrs(out)["failures"] == []  # a full disk never marks a good file as failed
+    assert fmt.read_attrs(out).failures == ()  # a full disk never marks a good file as failed
     got, want = store_files(out), store_files(clean)
     assert got.keys() == want.keys()  # no temporaries left behind by the failed writes
     assert [k for k in got if got[k] != want[k]] == []

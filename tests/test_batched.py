@@ -7,12 +7,33 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import BatchSampler, DataLoader
 
 from cache_tools import BlockShuffleSampler, RandomCubeRotation, VoxelCacheDataset, batch_collate
-from cache_tools.dataset import SampleBatch
-from cache_tools.rotations import rotate_batch, rotate_tensor
-from cache_tools.split import assign_splits
+from cache_tools.read.batch import SampleBatch
+from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, rotate_batch, rotate_tensor
+from cache_tools.commands.split import assign_splits
+
+
+def zarr_reference(ds, data) -> np.ndarray:
+    """What a batch's images must be, computed without the reader or rotate_view: zarr reads
+    each origin's stored image (its stored rotation when R > 1), dequantized in float32, then
+    turned voxel by voxel by the cube rotation's matrix M (an input voxel at centred
+    coordinates u lands at M @ u)."""
+    voxels = zarr.open_group(ds.root, mode="r")["voxels"]
+    out = []
+    for origin, stored, cube in zip(data["origin_id"].tolist(), data["rotation"].tolist(),
+                                    data["cube_rotation"].tolist()):
+        image = voxels[origin][stored] if ds.n_rotations > 1 else voxels[origin]
+        image = image.astype(np.float32) * np.float32(ds.scale)
+        n = image.shape[-1]
+        u = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij")).reshape(3, -1) - (n - 1) / 2
+        v = np.rint(CUBE_ROTATION_MATRICES[cube] @ u + (n - 1) / 2).astype(int)
+        turned = np.empty_like(image)
+        turned[:, v[0], v[1], v[2]] = image.reshape(image.shape[0], -1)
+        out.append(turned)
+    return np.stack(out)
 
 
 def assert_batch_matches_items(ds, indices):
@@ -27,6 +48,7 @@ def assert_batch_matches_items(ds, indices):
         assert int(data["structure_index"][k]) == item["structure_index"]
         assert torch.equal(data["center_A"][k], item["center_A"])
         assert int(data["rotation"][k]) == item["rotation"]
+    assert np.array_equal(data["image"].numpy(), zarr_reference(ds, data))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])

@@ -145,12 +145,12 @@ def test_kill_9_then_rerun_is_identical(tmp_path, kill_inputs, point):
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert fmt.read_attrs(out)["complete"] is False, "the kill should land before the build completes"
+    assert fmt.read_attrs(out).complete is False, "the kill should land before the build completes"
     if point == "scan":
         assert 4 <= count(scan, "*.npz") < 20 and count(done, "*.npz") == 0
     else:
         assert 2 <= count(done, "*.npz") < n_shards
-    check = [sys.executable, "-m", "cache_tools.cli", "check", str(out), "--quiet"]
+    check = [sys.executable, "-m", "cache_tools.commands.cli", "check", str(out), "--quiet"]
     before = subprocess.run(check, capture_output=True, text=True)
     assert before.returncode == 1 and before.stdout.startswith("incomplete: the build has not finished")
     rerun = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
@@ -185,7 +185,7 @@ def test_bad_files_are_listed_and_the_rest_builds(tmp_path):
     assert "smallmol.cif: small-molecule CIF without an _atom_site table" in failed[1]
     assert "trunc.cif.gz: corrupt or truncated gzip" in failed[2]
     attrs = fmt.read_attrs(out)
-    assert sorted(Path(f["path"]).name for f in attrs["failures"]) == ["empty.cif", "smallmol.cif", "trunc.cif.gz"]
+    assert sorted(Path(f.path).name for f in attrs.failures) == ["empty.cif", "smallmol.cif", "trunc.cif.gz"]
     ids = fmt.read_ragged_strings(out, fmt.STRUCTURE_ID)
     assert fmt.ragged_item(*ids, 0) == "1aa5" and len(fmt.read_array(out, fmt.STRUCTURE_ATOM_COUNT)) == 1
 

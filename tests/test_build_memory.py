@@ -33,7 +33,7 @@ def test_ribosome_size_entry_builds_with_bounded_worker_memory(tmp_path):
           f"{peak['voxelize'] / MiB:.0f} MiB; 1aa5: scan {base['scan'] / MiB:.0f}, voxelize {base['voxelize'] / MiB:.0f}")
     assert 0 < peak["voxelize"] - base["voxelize"] < TILE_BYTES + 64 * MiB
     assert 0 < peak["scan"] - base["scan"] < 400 * MiB  # gemmi's parse of a 15 MB mmCIF: ~230 MiB
-    assert fmt.read_attrs(tmp_path / "big.zarr")["build"]["peak_worker_rss_bytes"] == peak
+    assert fmt.read_attrs(tmp_path / "big.zarr").build["peak_worker_rss_bytes"] == peak
     # and the images are right: a few origins against the per-origin reference
     atoms = parse_atoms(tmp_path / "big.cif", params.channels)
     reference = OriginEncoder(atoms.xyz, atoms.channel, params.image, params.storage)

@@ -46,7 +46,7 @@ def test_origins_file_mistakes_and_a_failed_build_does_not_block_the_fix(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert "1aa5.cif.gz: 1 of 2 --origins rows are empty images, e.g. (1000, 1000, 1000)" in proc.stderr
     assert proc.stderr.startswith("EMPTY ") and "2 ok, 0 failed" in proc.stdout and "origins:    3" in proc.stdout
-    info = subprocess.run([sys.executable, "-m", "cache_tools.cli", "info", str(out)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "info", str(out)], capture_output=True, text=True)
     assert "empty:" in info.stdout and "1 of 2 --origins rows are empty images" in info.stdout
 
     # A finished cache is kept; the refusal says what differs in the user's terms.
@@ -73,7 +73,7 @@ def test_sigint_to_the_process_group_is_one_line_and_info_shows_failures_so_far(
     assert proc.returncode == 130 and time.time() - sent < 30
     assert stderr.strip() == "pipeline build-cache: interrupted; rerun the same command to resume", stderr
 
-    info = subprocess.run([sys.executable, "-m", "cache_tools.cli", "info", str(out)],
+    info = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "info", str(out)],
                           capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
     assert "INCOMPLETE" in info.stdout and "2 ok, 1 failed (of 3 inputs)" in info.stdout, info.stdout
@@ -87,7 +87,7 @@ def test_empty_origins_are_judged_at_the_snapped_centre(tmp_path):
     import numpy as np
 
     from cache_tools import format as fmt
-    from cache_tools.dataset import VoxelCacheDataset
+    from cache_tools.read.dataset import VoxelCacheDataset
     from pipeline.build import build_cache
     from pipeline.parse import parse_atoms, parse_channels
 
@@ -103,5 +103,5 @@ def test_empty_origins_are_judged_at_the_snapped_centre(tmp_path):
                 progress=False, log=lambda *a: None)
     ds = VoxelCacheDataset(out)
     zero = sum(int(ds[i]["image"].max() == 0) for i in range(len(ds)))
-    (note,) = [e["reason"] for e in fmt.read_attrs(out)["empty"]]
+    (note,) = [e.reason for e in fmt.read_attrs(out).empty]
     assert 0 < zero < len(rows) and note.startswith(f"{zero} of {len(rows)} --origins rows are empty images")

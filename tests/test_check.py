@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from cache_tools import format as fmt
-from cache_tools.check import check_cache
+from cache_tools.commands.check import check_cache
 from pipeline.build import build_cache
+from pipeline.repair import full_check
 
 from conftest import DATA, small_params
 
@@ -42,7 +43,7 @@ def cache(pristine, tmp_path) -> Path:
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cache_tools.cli", "check", *map(str, args), "--quiet"],
+    return subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "check", *map(str, args), "--quiet"],
                           capture_output=True, text=True)
 
 
@@ -154,18 +155,18 @@ def test_stale_and_missing_sources(cache, tmp_path):
     changed, gone = moved / f"{ids[0]}.cif.gz", moved / f"{ids[2]}.cif.gz"
     changed.write_bytes(changed.read_bytes() + b"\n")
     gone.unlink()
-    report = check_cache(cache, sources=[str(moved)], progress=False)
+    report = full_check(cache, sources=[str(moved)], progress=False)
     assert report["sources_checked"] == 3
     problems = {(p["kind"], p["structure"], tuple(p["origins"])) for p in report["problems"]}
     assert problems == {("stale", ids[0], (0, 9)), ("source-missing", ids[2], (18, 27))}
     # By default the recorded paths are checked: those are untouched.
-    assert check_cache(cache, sources=[], progress=False)["ok"]
+    assert check_cache(cache, sources=True, progress=False)["ok"]
     out = cli(cache, "--sources", tmp_path / "does-not-exist")
     assert out.returncode == 2 and "does-not-exist: no such file or directory" in out.stderr
 
 
 def test_spot_check_revoxelizes_and_catches_a_wrong_image_with_a_valid_checksum(cache):
-    report = check_cache(cache, sources=[], spot=12, progress=False)
+    report = full_check(cache, sources=[], spot=12, progress=False)
     assert report["ok"] and report["spot_checked"] == 12
     # A wrong image whose checksum was recorded as is (what a voxelizer bug would leave):
     # only re-voxelizing can tell.
@@ -176,10 +177,10 @@ def test_spot_check_revoxelizes_and_catches_a_wrong_image_with_a_valid_checksum(
     crc[3] = zlib.crc32(bytes(layout.origin_nbytes))
     crc_path = fmt.single_chunk_path(cache, fmt.CRC32, 1)
     crc.tofile(crc_path)
-    fmt.update_attrs(cache, metadata_crc32={**fmt.read_attrs(cache)["metadata_crc32"],
+    fmt.update_attrs(cache, metadata_crc32={**fmt.read_attrs(cache).metadata_crc32,
                                             fmt.CRC32: fmt.chunk_crc32(cache, fmt.CRC32)})
     assert check_cache(cache, progress=False)["ok"], "checksums alone cannot see this"
-    report = check_cache(cache, sources=[], spot=30, progress=False)
+    report = full_check(cache, sources=[], spot=30, progress=False)
     assert [(p["kind"], p["origins"]) for p in report["problems"]] == [("spot-check", [3, 3])]
     assert "differs from the re-voxelized one" in report["problems"][0]["detail"]
 
@@ -220,13 +221,13 @@ def test_repair_refuses_a_changed_source(cache):
 
 
 def test_plain_check_never_imports_the_build_side(pristine, tmp_path):
-    """cache_tools reaches pipeline at one place, only for --sources PATH, --spot-check and --repair."""
+    """cache_tools never imports pipeline: --sources PATH, --spot-check and --repair run `pipeline check`."""
     heavy = ["gemmi", "scipy", "pipeline", "zarr", "torch", "macromol_voxelize", "distributed"]
 
     def run(*args: str, block: bool = False) -> subprocess.CompletedProcess:
         code = ("import sys\n"
                 + (f"for name in {heavy!r}:\n    sys.modules[name] = None  # importing it fails\n" if block else "")
-                + "from cache_tools.cli import main\n"
+                + "from cache_tools.commands.cli import main\n"
                 f"code = main(['check', {str(pristine)!r}, '--quiet', *{list(args)!r}])\n"
                 "loaded = {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
                 f"print(code, sorted(loaded & {set(heavy)!r}))\n"
@@ -237,6 +238,10 @@ def test_plain_check_never_imports_the_build_side(pristine, tmp_path):
         proc = run(*args)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == "0 []", args
+    # --spot-check runs `pipeline check` in a child process: this one still imports none of it
+    proc = run("--spot-check", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2].endswith("2 origins re-voxelized)") and proc.stdout.splitlines()[-1] == "0 []"
     # and without the build side installed at all: a plain check works, --spot-check says why not
     assert run(block=True).returncode == 0
     proc = run("--spot-check", "2", block=True)

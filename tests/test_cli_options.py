@@ -9,7 +9,7 @@ import pytest
 from conftest import DATA
 
 BUILD = [sys.executable, "-m", "pipeline.cli", "build-cache"]
-TOOLS = [sys.executable, "-m", "cache_tools.cli"]
+TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
 
 
 def run_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from cache_tools import VoxelCacheDataset, batch_collate
 from cache_tools import format as fmt
-from cache_tools.check import check_cache, repair
-from cache_tools.info import cache_info
-from cache_tools.split import assign_splits
+from cache_tools.commands.check import check_cache
+from pipeline.repair import full_check, repair
+from cache_tools.commands.info import cache_info
+from cache_tools.commands.split import assign_splits
 
 from test_reader import tile_cache
 
@@ -30,8 +31,7 @@ def zstd_uint8(cache_factory) -> Path:
 def test_pipeline_writes_zstd_origins_zarr_reads_them(zstd_uint8, cache_factory):
     plain = cache_factory("uint8")
     layout = fmt.VoxelLayout(zstd_uint8)
-    assert layout.codec == {"name": "zstd", "configuration": {"level": fmt.DEFAULT_COMPRESSION_LEVEL,
-                                                              "checksum": True}}
+    assert layout.codec == fmt.Codec("zstd", fmt.DEFAULT_COMPRESSION_LEVEL, checksum=True)
     stored = zarr.open_group(str(zstd_uint8), mode="r")["voxels"][:]
     assert np.array_equal(stored, zarr.open_group(str(plain), mode="r")["voxels"][:])
     # the crc32 covers the bytes before compression: the same as the uncompressed build's
@@ -48,7 +48,7 @@ def test_pipeline_writes_zstd_origins_zarr_reads_them(zstd_uint8, cache_factory)
     assert np.array_equal(one[ids]["image"], ref[ids]["image"])
     rotated, ref_rotated = VoxelCacheDataset(zstd_uint8, rotate=True), VoxelCacheDataset(plain, rotate=True)
     assert np.array_equal(rotated[ids]["image"], ref_rotated[ids]["image"])
-    report = check_cache(zstd_uint8, spot=3, progress=False)
+    report = full_check(zstd_uint8, spot=3, progress=False)
     assert report["ok"] and report["spot_checked"] == 3, report["problems"]
 
 
@@ -57,7 +57,7 @@ def test_float32_decodes_straight_into_the_batch(cache_factory, tmp_path):
     plain = cache_factory("float32")
     packed = tile_cache(plain, tmp_path / "f32z.zarr", copies=1,
                         per_shard=fmt.VoxelLayout(plain).origins_per_shard, compression=("zstd", 3))
-    assert fmt.VoxelLayout(packed).codec["name"] == "zstd"
+    assert fmt.VoxelLayout(packed).codec.name == "zstd"
     ds, ref = VoxelCacheDataset(packed, threads=2), VoxelCacheDataset(plain)
     ids = np.random.default_rng(1).permutation(len(ds))[:32]
     assert np.array_equal(ds[ids]["image"], ref[ids]["image"])
@@ -74,7 +74,7 @@ def _flip_inside_origin(root: Path, origin: int) -> Path:
     shard, j = divmod(origin, layout.origins_per_shard)
     path = layout.shard_path(shard)
     data = bytearray(path.read_bytes())
-    index = np.frombuffer(bytes(data[-16 * layout.origins_per_shard:]), "<u8").reshape(-1, 2)
+    index = np.frombuffer(bytes(data[-layout.index_nbytes:]), "<u8").reshape(-1, 2)
     offset, nbytes = int(index[j, 0]), int(index[j, 1])
     data[offset + nbytes // 2] ^= 0x10
     path.write_bytes(bytes(data))
@@ -127,7 +127,7 @@ def test_truncated_compressed_shard_and_foreign_codec(zstd_uint8, tmp_path):
     (root / fmt.VOXELS / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(fmt.CacheError, match="compressed with codec 'gzip', which this reader does not support"):
         VoxelCacheDataset(root)
-    out = subprocess.run([sys.executable, "-m", "cache_tools.cli", "check", str(root)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "check", str(root)], capture_output=True,
                          text=True)
     assert out.returncode == 2 and "codec 'gzip'" in out.stderr and "Traceback" not in out.stderr
 

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
-from cache_tools.rotations import CUBE_ROTATION_MATRICES, compose, inverse, rotate_tensor, rotate_view
-from cache_tools.split import assign_splits
+from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, compose, inverse, rotate_tensor, rotate_view
+from cache_tools.commands.split import assign_splits
 
 from conftest import DATA
 from test_build import reference_image, structure_of
@@ -79,8 +79,8 @@ def test_pickle_small_for_large_cache(tmp_path_factory):
     build_cache([str(src)], root, params, workers=2, progress=False)
     # The three copies are one entry, so `split` would keep them together: assign by hand.
     fmt.write_array(root, fmt.STRUCTURE_SPLIT, np.array([0, 1, 0], dtype=np.uint8))
-    fmt.update_attrs(root, splits=["train", "val", "test"],
-                     metadata_crc32={**fmt.read_attrs(root)["metadata_crc32"],
+    fmt.update_attrs(root, splits=("train", "val", "test"),
+                     metadata_crc32={**fmt.read_attrs(root).metadata_crc32,
                                      fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)})
     ds = VoxelCacheDataset(root)
     assert len(ds) >= 50_000
@@ -102,7 +102,7 @@ def test_splits_by_structure(cache_factory, tmp_path):
     ids_file.write_text("1AA5\n3fy3\n")
     with pytest.raises(fmt.CacheError, match="no split named 'val'.*cache-tools split"):
         VoxelCacheDataset(root, split="val")
-    proc = subprocess.run([sys.executable, "-m", "cache_tools.cli", "split", str(root), "--from-file",
+    proc = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "split", str(root), "--from-file",
                            f"val={ids_file}", "--test", "0.2", "--seed", "3"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "val: 2 structures" in proc.stdout and "test: 1 structures" in proc.stdout
@@ -118,7 +118,7 @@ def test_splits_by_structure(cache_factory, tmp_path):
     assert val[0]["origin_id"] == full.origins_of_structure(k).start
     with pytest.raises(IndexError, match=f"index {len(val)} out of range .* split 'val'"):
         val[len(val)]
-    bad = subprocess.run([sys.executable, "-m", "cache_tools.cli", "split", str(root), "--from-file",
+    bad = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "split", str(root), "--from-file",
                           f"val={tmp_path / 'missing.txt'}"], capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.txt: cannot read id list" in bad.stderr
 

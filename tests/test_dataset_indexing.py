@@ -9,8 +9,8 @@ import torch
 import zarr
 
 from cache_tools import VoxelCacheDataset
-from cache_tools.rotations import CUBE_ROTATION_MATRICES, rotate_view
-from cache_tools.split import assign_splits
+from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, rotate_view
+from cache_tools.commands.split import assign_splits
 
 from test_build import reference_image, structure_of
 

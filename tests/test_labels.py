@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from cache_tools import VoxelCacheDataset
-from cache_tools.info import cache_info, format_info
+from cache_tools.commands.info import cache_info, format_info
+from cache_tools.commands.options import human_bytes
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -30,8 +31,12 @@ def test_info_rounds_the_error_and_counts_saturation_and_repr_names_both_dtypes(
     assert "items=float32" in r and "stored=uint8" in r and "dtype=uint8" not in r
 
 
-def test_readme_sample_size_matches_what_info_reports():
-    origins, nbytes = 2250, 4 * 21 ** 3 * 4  # the sample: 2,250 origins of 4 x 21^3 float32
-    # The default build compresses (zstd); the raw size is stated for --compression none.
-    assert f"{origins * nbytes / 2**20:.0f} MiB with `--compression none`" in README
-    assert f"{nbytes:,} bytes each" in README and "~320 MB" not in README
+def test_readme_sample_size_matches_what_info_reports(sample_cache):
+    """The figures the README gives for the sample build are what `cache-tools info` says of it."""
+    info = cache_info(sample_cache)
+    origins, nbytes, voxels = info["origins"], info["bytes_per_origin"], info["voxels"]
+    shape = " × ".join([str(info["image_shape"][0]), f"{info['image_shape'][1]}³"])
+    assert (f"{human_bytes(info['bytes_on_disk'])} ({info['bytes_on_disk'] / 1e6:.1f} MB; `cache-tools info` counts "
+            f"in MiB = 2²⁰ bytes): {origins:,} origins of {shape}\nfloat32, {nbytes:,} bytes each before zstd, "
+            f"{human_bytes(voxels['stored_bytes_per_origin'])} each after; "
+            f"{origins * nbytes / 2**20:.0f} MiB with `--compression none`.") in README

@@ -77,7 +77,7 @@ def test_origins_file_is_snapped_and_exact_centers_keeps_it(tmp_path):
         centers = fmt.read_array(out, fmt.CENTER)
         expected_centers = listed.astype(np.float32) if exact else np.floor(listed).astype(np.float32) + 0.5
         assert np.array_equal(centers, expected_centers)
-        assert fmt.read_attrs(out)["params"]["centers"] == ("exact" if exact else "lattice")
+        assert fmt.read_attrs(out).params.centers == ("exact" if exact else "lattice")
         layout = fmt.VoxelLayout(out)
         reference = OriginEncoder(atoms.xyz, atoms.channel, params.image, params.storage)
         for origin in range(3):

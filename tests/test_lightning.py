@@ -15,9 +15,9 @@ import torch
 
 from cache_tools import VoxelCacheDataModule, VoxelCacheDataset, batch_collate
 from cache_tools import format as fmt
-from cache_tools.lightning import EpochSampler
-from cache_tools.rotations import rotate_view
-from cache_tools.split import assign_splits
+from cache_tools.read.lightning import EpochSampler
+from cache_tools.read.rotations import rotate_view
+from cache_tools.commands.split import assign_splits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflows"))
@@ -37,8 +37,10 @@ def split_cache(cache_factory, tmp_path_factory):
 
 
 def test_import_cache_tools_never_imports_lightning(split_cache):
-    code = ("import sys, cache_tools; from cache_tools import VoxelCacheDataset, MemoryProfiler, memory, info, "
-            "subset, where, structure_meta, split, check; ds = VoxelCacheDataset(sys.argv[1]); ds[0]; "
+    code = ("import sys, cache_tools; from cache_tools import VoxelCacheDataset, MemoryProfiler, rotations; "
+            "from cache_tools.commands import info, subset, split, check, show; "
+            "from cache_tools.read import where, structure_meta, selection; "
+            "ds = VoxelCacheDataset(sys.argv[1]); ds[0]; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
     out = subprocess.run([sys.executable, "-c", code, str(split_cache)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

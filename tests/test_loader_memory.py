@@ -24,7 +24,7 @@ import zarr
 
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
-from cache_tools.cgroup import CgroupUnavailable, MemoryCap
+from cache_tools.profiler.cgroup import CgroupUnavailable, MemoryCap
 from pipeline.build import BuildParams, build_cache
 from pipeline.origins import OriginRule
 from pipeline.parse import parse_channels

@@ -42,7 +42,7 @@ def test_second_build_refuses_naming_the_first_then_takes_over_a_dead_lock(tmp_p
     # The holder died without releasing: its pid is gone, so the next build takes the lock over.
     assert lock_path(out).exists()
     summary = build_cache([str(DATA / "1aa5.cif.gz")], out, small_params(grid=9), workers=1, progress=False)
-    assert summary.origins > 0 and fmt.read_attrs(out)["complete"] is True
+    assert summary.origins > 0 and fmt.read_attrs(out).complete is True
     assert not lock_path(out).exists()  # released
 
 
@@ -74,7 +74,7 @@ def test_two_cli_builds_at_once(tmp_path):
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-    check = subprocess.run([sys.executable, "-m", "cache_tools.cli", "check", str(out), "--quiet"],
+    check = subprocess.run([sys.executable, "-m", "cache_tools.commands.cli", "check", str(out), "--quiet"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
     with pytest.raises(InputError, match="another build"):

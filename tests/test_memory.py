@@ -1,4 +1,4 @@
-"""cache_tools.memory against real /proc accounting: real child processes, no mocks.
+"""cache_tools.profiler against real /proc accounting: real child processes, no mocks.
 
 The numbers asserted are the claims the tool makes to users: anonymous memory is
 reported as anonymous, an mmap'd file as file-backed, and under a cgroup memory
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_tools.memory import CSV_COLUMNS, MemoryProfiler, parse_size
+from cache_tools.profiler import CSV_COLUMNS, MemoryProfiler, parse_size
 
 from conftest import fs_type
 
@@ -76,7 +76,7 @@ def _disk_file(path: Path, size: int) -> Path:
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([PY, "-m", "cache_tools.cli", "profile-memory", *args], cwd=REPO, env=env,
+    return subprocess.run([PY, "-m", "cache_tools.commands.cli", "profile-memory", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -234,7 +234,7 @@ def test_plot_explains_the_main_process_private_memory_drop_with_workers(tmp_pat
     """A real forked worker: the plot carries the note that main's drop is sharing, not freeing."""
     import multiprocessing
 
-    from cache_tools.memory import SHARED_WITH_WORKERS_NOTE, _read_samples, _Timeline, plot_memory
+    from cache_tools.profiler import SHARED_WITH_WORKERS_NOTE, Timeline as _Timeline, plot_memory, read_samples as _read_samples
 
     with MemoryProfiler(tmp_path, interval=0.1, print_summary=False):
         worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0.6,))

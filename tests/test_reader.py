@@ -13,7 +13,7 @@ import pytest
 
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
-from cache_tools.reader import ShardReader
+from cache_tools.read.reader import ShardReader
 
 
 def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1,

@@ -12,9 +12,9 @@ from matplotlib.image import imread
 
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
-from cache_tools.cli import main as cache_tools_main
-from cache_tools.rotations import N_CUBE_ROTATIONS, rotate_view
-from cache_tools.show import collect, contact_sheet, origin_projections, project, render
+from cache_tools.commands.cli import main as cache_tools_main
+from cache_tools.read.rotations import N_CUBE_ROTATIONS, rotate_view
+from cache_tools.commands.show import collect, contact_sheet, origin_projections, project, render
 from pipeline.build import build_cache
 from pipeline.parse import parse_atoms, parse_channels
 from pipeline.voxelize import Storage

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools.split import assign_splits
+from cache_tools.commands.split import assign_splits
 
 from conftest import DATA
 
-TOOLS = [sys.executable, "-m", "cache_tools.cli"]
+TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
 
 
 def test_identical_inputs_skipped_and_one_entry_stays_in_one_split(tmp_path):

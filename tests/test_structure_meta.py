@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from cache_tools import format as fmt
-from cache_tools import where
-from cache_tools.cli import main as cache_tools
-from cache_tools.info import cache_info
-from cache_tools.structure_meta import StructureColumns
+from cache_tools.read import where
+from cache_tools.commands.cli import main as cache_tools
+from cache_tools.commands.info import cache_info
+from cache_tools.read.structure_meta import StructureColumns
 from pipeline import metadata
 from pipeline.parse import parse_atoms, parse_channels
 
@@ -43,7 +43,7 @@ def test_build_records_metadata_columns(cache_factory):
     assert cols.present
     ids = ids_of(root)
     assert sorted(ids) == sorted(f.split(".")[0] for f in SMALL_FILES)
-    recorded = fmt.read_attrs(root)["metadata_crc32"]
+    recorded = fmt.read_attrs(root).metadata_crc32
     for name in fmt.STRUCTURE_META_ARRAYS:  # checksummed like every metadata array
         assert recorded[name] == fmt.chunk_crc32(root, name)
     for k, sid in enumerate(ids):
@@ -137,7 +137,7 @@ def test_bad_expressions_are_one_line_exit_2(cache_factory, tmp_path, capsys, ex
     assert cache_tools(["subset", str(root), "s", "--where", expression]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert "subsets" not in fmt.read_attrs(root)
+    assert fmt.read_attrs(root).subsets == {}
 
 
 def test_subset_stored_listed_checked_and_deleted(cache_factory, tmp_path, capsys):
@@ -157,7 +157,7 @@ def test_subset_stored_listed_checked_and_deleted(cache_factory, tmp_path, capsy
     assert cache_tools(["subset", str(root), "../x", "--where", "models == 1"]) == 2
     assert "subset name '../x'" in capsys.readouterr().err
     assert cache_tools(["subset", str(root), "hires", "--delete"]) == 0
-    assert not (root / fmt.subset_array("hires")).exists() and fmt.read_attrs(root)["subsets"] == {}
+    assert not (root / fmt.subset_array("hires")).exists() and fmt.read_attrs(root).subsets == {}
     assert cache_tools(["check", str(root)]) == 0
 
 
@@ -165,7 +165,7 @@ def test_time_split(cache_factory, tmp_path, capsys):
     root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
     assert cache_tools(["split", str(root), "--by-date", "test=2005-01-01", "--by-date", "val=1998-01-01"]) == 0
     out = capsys.readouterr().out
-    names, codes = fmt.read_attrs(root)["splits"], fmt.read_array(root, fmt.STRUCTURE_SPLIT)
+    names, codes = list(fmt.read_attrs(root).splits), fmt.read_array(root, fmt.STRUCTURE_SPLIT)
     dep = StructureColumns(root).values("deposited")
     d = lambda s: (dt.date.fromisoformat(s) - dt.date(1970, 1, 1)).days
     for k in range(len(codes)):
@@ -184,7 +184,7 @@ def test_old_cache_without_metadata_opens_and_says_absent(cache_factory, tmp_pat
     attrs = fmt.read_attrs(root)
     for name in fmt.STRUCTURE_META_ARRAYS:  # what a cache built before this change looks like
         shutil.rmtree(root / name)
-    fmt.update_attrs(root, metadata_crc32={k: v for k, v in attrs["metadata_crc32"].items()
+    fmt.update_attrs(root, metadata_crc32={k: v for k, v in attrs.metadata_crc32.items()
                                            if k not in fmt.STRUCTURE_META_ARRAYS})
     assert cache_tools(["check", str(root)]) == 0
     assert cache_tools(["info", str(root)]) == 0
@@ -211,13 +211,13 @@ def test_info_shows_distributions(cache_factory, capsys):
 
 def test_dataset_subset_combined_with_split(cache_factory, tmp_path):
     from cache_tools import VoxelCacheDataset
-    from cache_tools.split import assign_splits
+    from cache_tools.commands.split import assign_splits
 
     root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
     assign_splits(root, val=0.4, seed=1)
     assert cache_tools(["subset", str(root), "protein", "--where", "polymer == 'protein'"]) == 0
     subset = fmt.read_array(root, fmt.subset_array("protein")).tolist()
-    codes, names = fmt.read_array(root, fmt.STRUCTURE_SPLIT), fmt.read_attrs(root)["splits"]
+    codes, names = fmt.read_array(root, fmt.STRUCTURE_SPLIT), list(fmt.read_attrs(root).splits)
     ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
     cols = StructureColumns(root)
     for split in (None, "train", "val"):

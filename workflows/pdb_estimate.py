@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_tools import format as fmt  # noqa: E402
-from cache_tools.info import human_bytes  # noqa: E402
+from cache_tools.commands.options import human_bytes  # noqa: E402
 
 
 def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) -> dict:
@@ -38,10 +38,8 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
     from pipeline.parse import parse_atoms
     from pipeline.voxelize import ImageSpec, Storage, voxelize
 
-    attrs = fmt.read_attrs(cache)
-    params = attrs["params"]
-    image = params["image"]
-    spec = ImageSpec(image["grid_voxels"], image["resolution_A"], image["n_channels"], image["atom_radius_A"])
+    params = fmt.read_attrs(cache).params
+    spec = ImageSpec(**params.image.to_json())
     ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
     centers = fmt.read_array(cache, fmt.CENTER)
     paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
@@ -50,10 +48,10 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
     measured = np.sort(rng.choice(len(ranges), size=min(sample_structures, len(ranges)), replace=False))
     for k in measured:
         t = time.perf_counter()
-        atoms.append(parse_atoms(fmt.ragged_item(*paths, k), params["channels"]))
+        atoms.append(parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels]))
         parse_s.append(time.perf_counter() - t)
-    if params.get("centers") == "lattice":  # the build's cost: each structure's tiles, then crops
-        mats = fmt.read_array(cache, fmt.ROTATION) if params["rotations"] > 1 else None
+    if params.snapped:  # the build's cost: each structure's tiles, then crops
+        mats = fmt.read_array(cache, fmt.ROTATION) if params.rotations > 1 else None
         compress = fmt.encoder(fmt.VoxelLayout(cache).codec)  # the write task's per-origin work too
         t = time.perf_counter()
         for a, k in zip(atoms, measured):
@@ -65,7 +63,7 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
                 if compress is not None:
                     compress(stored)
         n_measured = int(sum(ranges[k, 1] - ranges[k, 0] for k in measured))
-        per_origin = (time.perf_counter() - t) / n_measured / params["rotations"]  # per image, as below
+        per_origin = (time.perf_counter() - t) / n_measured / params.rotations  # per image, as below
         return _result(ranges, parse_s, per_origin, cache, params)
     atoms = dict(zip(measured.tolist(), atoms))
     origins = np.concatenate([np.arange(ranges[k, 0], ranges[k, 1]) for k in measured])
@@ -85,19 +83,19 @@ def _result(ranges, parse_s, voxelize_s, cache, params) -> dict:
             "structures": len(ranges), "origins": int(ranges[-1, 1]),
             "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
             "parse_s_per_structure": float(np.mean(parse_s)), "voxelize_s_per_origin": voxelize_s,
-            "values_per_origin": per_origin_values, "rotations": params["rotations"],
+            "values_per_origin": per_origin_values, "rotations": params.rotations,
             "load_average": os.getloadavg()[0]}
 
 
 def compressed_bytes(cache: str, origins: np.ndarray) -> dict[str, float]:
     """Mean stored bytes of these origins per dtype with the default codec (+16 B of shard index each)."""
-    from cache_tools.reader import ShardReader
+    from cache_tools.read.reader import ShardReader
     from pipeline.voxelize import Storage
 
     layout = fmt.VoxelLayout(cache)
-    scale = fmt.dequantize_scale(fmt.read_attrs(cache))
+    scale = fmt.read_attrs(cache).scale
     reader = ShardReader(layout)
-    encode = fmt.encoder(fmt.inner_codecs(fmt.DEFAULT_COMPRESSION, fmt.DEFAULT_COMPRESSION_LEVEL)[1])
+    encode = fmt.encoder(fmt.Codec(fmt.DEFAULT_COMPRESSION, fmt.DEFAULT_COMPRESSION_LEVEL, checksum=True))
     sizes: dict[str, list[int]] = {"float32": [], "float16": [], "uint8": []}
     for origin in origins:
         values = reader.view(int(origin)).astype(np.float32) * np.float32(scale)

@@ -56,7 +56,7 @@ def centre_task(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def in_memory_split(cache: str, val: float, balance: str) -> tuple[VoxelCacheDataset, VoxelCacheDataset]:
     """Train and val datasets from a split computed here and kept in memory: the example
     never writes into the cache (``--cache-split`` uses one stored by `cache-tools split`)."""
-    from cache_tools.split import compute_splits
+    from cache_tools.commands.split import compute_splits
 
     names, codes = compute_splits(cache, val=val, seed=0, balance=balance)
     ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)

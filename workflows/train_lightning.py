@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("limit_train_batches", "limit_val_batches")}
     try:
         attrs = fmt.read_attrs(args.cache)
-        splits = attrs.get("splits") or []
+        splits = attrs.splits
         split = args.split or ("train" if "train" in splits else None)
         val_cache = args.val_cache
         if val_cache is None and "val" not in splits:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except CacheError as exc:
         print(f"train_lightning: {exc}", file=sys.stderr)
         return 2
-    model = CentreTask(len(attrs["params"]["channels"]), record=args.record is not None)
+    model = CentreTask(len(attrs.params.channels), record=args.record is not None)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                         strategy="ddp" if args.devices > 1 else "auto", logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -51,20 +51,26 @@ process events ``start:<pid>:<role>`` / ``end:<pid>:<role>`` (at sample resoluti
 
 Modules, one concern each: :mod:`~cache_tools.profiler.proc` (reading /proc: smaps_rollup),
 :mod:`~cache_tools.profiler.tree` (the process tree and roles, via psutil),
+:mod:`~cache_tools.profiler.timeline` (a sample row, the CSV, the compact timeline),
 :mod:`~cache_tools.profiler.sampler` (:class:`MemoryProfiler`, sampling over time),
-:mod:`~cache_tools.profiler.report` (summary text and plot), and
+:mod:`~cache_tools.profiler.report` (summary text and plot),
+:mod:`~cache_tools.profiler.cgroup` (running a command under a memory cap, as SLURM does),
 :mod:`~cache_tools.profiler.phases` (the loader-memory harness: train + val loaders,
-snapshots per epoch and validation). ``cache_tools.memory`` re-exports the public names.
+snapshots per epoch and validation), :mod:`~cache_tools.profiler.goals` (its verdicts), and
+:mod:`~cache_tools.profiler.callback` (:class:`MemoryMarkCallback`, marks from a Lightning
+run; it imports lightning, so it is loaded on first use). This package re-exports the
+public names.
 
 Units in the text output: MiB = 2**20 bytes, the unit ``free -m`` and htop use.
 """
 from __future__ import annotations
 
-from cache_tools.cgroup import CgroupUnavailable, MemoryCap, format_cap_report, run_in_memory_cap
+from cache_tools.profiler.cgroup import CgroupUnavailable, MemoryCap, format_cap_report, run_in_memory_cap
 from cache_tools.profiler.proc import (MIB, SMAPS_KEYS, ProfilerUnavailable, check_available, parse_size,
                                        private_anon, process_memory, read_smaps_rollup)
 from cache_tools.profiler.report import SHARED_WITH_WORKERS_NOTE, format_summary, plot_memory, render_profile
-from cache_tools.profiler.sampler import CSV_COLUMNS, MARKS_COLUMNS, MemoryProfiler, Sample, read_samples
+from cache_tools.profiler.sampler import MemoryProfiler
+from cache_tools.profiler.timeline import CSV_COLUMNS, MARKS_COLUMNS, Sample, Timeline, read_samples
 from cache_tools.profiler.tree import ROLES, ProcessInfo, process_tree
 
 __all__ = [
@@ -72,4 +78,12 @@ __all__ = [
     "MemoryProfiler", "ProcessInfo", "Sample", "check_available", "read_smaps_rollup", "private_anon",
     "process_memory", "process_tree", "parse_size", "format_summary", "plot_memory", "render_profile",
     "read_samples", "SHARED_WITH_WORKERS_NOTE", "run_in_memory_cap", "format_cap_report", "MIB", "ROLES", "SMAPS_KEYS",
+    "Timeline", "MemoryMarkCallback",
 ]
+
+
+def __getattr__(name: str):
+    if name == "MemoryMarkCallback":  # a lightning.Callback: lightning is imported now, never before
+        from cache_tools.profiler.callback import MemoryMarkCallback
+        return MemoryMarkCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

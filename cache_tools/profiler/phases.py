@@ -109,7 +109,7 @@ def make_loaders(dataset: Any, loader: str, workers: int, batch_size: int, steps
 
     collate = None
     if loader == "cache":
-        from cache_tools import batch_collate
+        from cache_tools.read.batch import batch_collate
         collate = batch_collate          # the recommended (batched-read) path
     n = len(dataset)
     num_samples = n if steps is None else min(n, steps * batch_size)

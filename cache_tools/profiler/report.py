@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cache_tools.profiler.proc import MIB
-from cache_tools.profiler.sampler import ROLES, Timeline, read_samples
+from cache_tools.profiler.timeline import Timeline, read_samples
+from cache_tools.profiler.tree import ROLES
 
 
 def _mib(n: float) -> str:

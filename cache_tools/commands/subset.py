@@ -5,8 +5,8 @@
 
 A subset is the sorted int32 array of the structure rows its expression selected
 (``structures/subset/<NAME>``), plus the expression and counts in the cache
-attributes. ``VoxelCacheDataset(cache, subset=NAME)`` reads that array (and intersects
-it with ``split=``); the expression grammar is in :mod:`cache_tools.where`.
+attributes. ``VoxelCacheDataset(cache, subset=NAME)`` reads that array (:mod:`cache_tools.read.selection`) (and intersects
+it with ``split=``); the expression grammar is in :mod:`cache_tools.read.where`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools import where
-from cache_tools.structure_meta import COLUMNS
+from cache_tools.read import where
+from cache_tools.read.structure_meta import COLUMNS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,34 +47,24 @@ def create_subset(root: str | Path, name: str, expression: str) -> dict[str, int
     if len(rows) == 0:
         raise ValueError(f"--where {expression!r} matches no structure; subset {name!r} not stored")
     ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
-    counts = {"structures": int(len(rows)), "origins": int((ranges[rows, 1] - ranges[rows, 0]).sum())}
+    record = fmt.SubsetRecord(expression, int(len(rows)), int((ranges[rows, 1] - ranges[rows, 0]).sum()))
     fmt.write_array(root, array, rows)
-    fmt.update_attrs(root, subsets={**(attrs.get("subsets") or {}), name: {"where": expression, **counts}},
-                     metadata_crc32={**attrs.get("metadata_crc32", {}), array: fmt.chunk_crc32(root, array)})
-    return counts
+    fmt.update_attrs(root, lambda a: a.replace(
+        subsets={**a.subsets, name: record},
+        metadata_crc32={**a.metadata_crc32, array: fmt.chunk_crc32(root, array)}))
+    return {"structures": record.structures, "origins": record.origins}
 
 
 def delete_subset(root: str | Path, name: str) -> None:
     root = Path(root)
     attrs = fmt.read_attrs(root)
-    subsets = dict(attrs.get("subsets") or {})
-    if name not in subsets:
-        raise ValueError(f"no subset named {name!r} (stored: {', '.join(subsets) or 'none'})")
+    if name not in attrs.subsets:
+        raise ValueError(f"no subset named {name!r} (stored: {', '.join(attrs.subsets) or 'none'})")
     array = fmt.subset_array(name)
-    del subsets[name]
-    crcs = {k: v for k, v in attrs.get("metadata_crc32", {}).items() if k != array}
-    fmt.update_attrs(root, subsets=subsets, metadata_crc32=crcs)  # forget it first, then remove the files
+    fmt.update_attrs(root, lambda a: a.replace(  # forget it first, then remove the files
+        subsets={k: v for k, v in a.subsets.items() if k != name},
+        metadata_crc32={k: v for k, v in a.metadata_crc32.items() if k != array}))
     shutil.rmtree(root / array, ignore_errors=True)
-
-
-def subset_rows(root: str | Path, name: str, attrs: dict | None = None) -> np.ndarray:
-    """The stored rows of subset ``name`` (memory-mapped), or a CacheError naming the stored ones."""
-    attrs = fmt.read_attrs(root) if attrs is None else attrs
-    subsets = attrs.get("subsets") or {}
-    if name not in subsets:
-        raise fmt.CacheError(f"{root}: no subset named {name!r} (available: "
-                             f"{', '.join(subsets) or 'none; run `cache-tools subset`'})")
-    return fmt.read_array(root, fmt.subset_array(name))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
         if args.name is None:
             if args.where is not None or args.delete:
                 raise ValueError("give a subset NAME with --where or --delete")
-            subsets = fmt.read_attrs(args.cache).get("subsets") or {}
+            subsets = fmt.read_attrs(args.cache).subsets
             for name, s in subsets.items():
-                print(f"{name}: {s['structures']} structures, {s['origins']} origins where {s['where']}")
+                print(f"{name}: {s.structures} structures, {s.origins} origins where {s.where}")
             if not subsets:
                 print(f"{args.cache}: no subsets")
             return 0

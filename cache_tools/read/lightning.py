@@ -1,4 +1,4 @@
-"""PyTorch Lightning for voxel caches: :class:`VoxelCacheDataModule` and :class:`MemoryMarkCallback`.
+"""PyTorch Lightning for voxel caches: :class:`VoxelCacheDataModule`.
 
 An optional extra (``pip install -e ".[lightning]"``): this module imports lightning;
 ``import cache_tools`` never does.
@@ -25,18 +25,16 @@ What it does for the user:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cache_tools.dataset import VoxelCacheDataset, batch_collate
+from cache_tools.read.batch import batch_collate
+from cache_tools.read.dataset import VoxelCacheDataset
 
-if TYPE_CHECKING:
-    from cache_tools.profiler import MemoryProfiler
-
-__all__ = ["VoxelCacheDataModule", "EpochSampler", "MemoryMarkCallback"]
+__all__ = ["VoxelCacheDataModule", "EpochSampler"]
 
 
 class EpochSampler(DistributedSampler):
@@ -101,7 +99,7 @@ class VoxelCacheDataModule(L.LightningDataModule):
             else:
                 from cache_tools import format as fmt
                 val_split = self.val_split
-                if val_split is None and "val" in (fmt.read_attrs(self.cache).get("splits") or []):
+                if val_split is None and "val" in fmt.read_attrs(self.cache).splits:
                     val_split = "val"
                 if val_split is not None:
                     self.val_dataset = self._dataset(self.cache, val_split, self.val_subset, False)
@@ -126,24 +124,3 @@ class VoxelCacheDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self.val_batch_size, False, False)
-
-
-class MemoryMarkCallback(L.Callback):
-    """Marks epochs and validation on the memory plot of a Lightning run.
-
-    ``Trainer(callbacks=[MemoryMarkCallback(prof)])``. Copy-on-read growth typically
-    shows as a USS staircase per epoch, and validation starts extra workers; the marks
-    make both visible.
-    """
-
-    def __init__(self, profiler: "MemoryProfiler") -> None:
-        self.profiler = profiler
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark(f"epoch {trainer.current_epoch}")
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark("validation")
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        self.profiler.mark("validation end")

@@ -1,4 +1,5 @@
-"""Command-line option types shared by `pipeline` and `cache-tools`: bad values fail at parse time.
+"""Command-line option types (and byte counts as text) shared by `pipeline` and `cache-tools`:
+bad values fail at parse time.
 
 Each type raises ``argparse.ArgumentTypeError`` with the reason; :class:`OneLineParser`
 prints argparse's errors as one line naming the option (``prog: argument --seed: ...``)
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,7 +51,10 @@ def fraction(text: str) -> float:
     return _number(float, text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
 
 
-def usage_error(prog: str, message: str) -> int:
-    """Print a one-line usage error and return exit status 2."""
-    print(f"{prog}: {message}", file=sys.stderr)
-    return 2
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, as `cache-tools info` and the build summary print them: '20.3 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools.rotations import N_CUBE_ROTATIONS, rotate_view
+from cache_tools.read.rotations import N_CUBE_ROTATIONS, rotate_view
 
 AXES = ("x", "y", "z")
 SUM_FACTOR = 3.0        # default: flag an image whose sum is > 3x or < 1/3 of its structure's median
@@ -50,7 +50,7 @@ def origin_projections(ds, origin_id: int, cube_rotation: int = 0) -> tuple[np.n
 
     ``ds`` is a ``VoxelCacheDataset`` over the whole cache (no split, ``rotate=False``),
     so sample index = origin id; the image is the one ``ds[origin_id]`` returns, turned
-    by :func:`cache_tools.rotations.rotate_view` exactly as ``rotate=True`` does. Also
+    by :func:`cache_tools.read.rotations.rotate_view` exactly as ``rotate=True`` does. Also
     returns the sample (its image unrotated) for labels and flags.
     """
     sample = ds[int(origin_id)]
@@ -122,11 +122,10 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
     every origin, ``"all"`` for one row per rotation, or None (0). Raises ValueError or
     CacheError with a one-line message for ids, splits and rotations that do not exist.
     """
-    from cache_tools.dataset import VoxelCacheDataset
+    from cache_tools.read.dataset import VoxelCacheDataset
 
     root = str(cache)
     attrs = fmt.read_attrs(root)
-    storage = attrs["params"]["storage"]
     ds = VoxelCacheDataset(root)  # whole cache, no augmentation: index = origin id
     n = len(ds)
     ids = [int(i) for i in origin_ids]
@@ -156,8 +155,8 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
 
     samples = {i: ds[i] for i in dict.fromkeys(ids)}
     medians = _structure_medians(ds, {int(s["structure_index"]) for s in samples.values()})
-    saturation = (np.float32(SATURATED_STORED - 0.5) * np.float32(fmt.dequantize_scale(attrs))
-                  if storage["dtype"] == "uint8" else None)
+    saturation = (np.float32(SATURATED_STORED - 0.5) * np.float32(attrs.scale)
+                  if attrs.params.storage.dtype == "uint8" else None)
     rows = []
     for i in ids:
         for cube in cubes:
@@ -179,7 +178,7 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
                               stored_rotation=int(sample["rotation"]), cube_rotation=cube,
                               projections=projections, image_sum=total,
                               structure_median=medians[k], saturated=saturated, flags=flags))
-    return Sheet(cache=root, dtype=storage["dtype"], channels=ds.channels, rows=rows)
+    return Sheet(cache=root, dtype=attrs.params.storage.dtype, channels=ds.channels, rows=rows)
 
 
 # --- drawing ---------------------------------------------------------------------------

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from cache_tools import format as fmt
-from cache_tools.cgroup import memory_budget
-from cache_tools.reader import ShardReader, scaled_copy
-from cache_tools.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
+from cache_tools.read.budget import memory_budget
+from cache_tools.read.reader import ShardReader, scaled_copy
+from cache_tools.read.batch import SampleBatch, batch_buffer
+from cache_tools.read.selection import Selection
+from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
 
 _MASK64 = (1 << 64) - 1
 
@@ -60,7 +62,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     ``ds[i]`` is a dict: ``image`` float32 tensor [C, L, L, L] (dequantized, the
     caller's to modify), ``origin_id`` int, ``structure_index`` int, ``center_A``
     float32 tensor [3], ``rotation`` int (stored rotation used, or 0),
-    ``cube_rotation`` int (index into the 24 of :mod:`cache_tools.rotations` applied
+    ``cube_rotation`` int (index into the 24 of :mod:`cache_tools.read.rotations` applied
     on top, 0 without ``rotate``); :meth:`rotation_matrix` composes the two.
 
     ``subset=NAME`` keeps the structures of a subset stored by ``cache-tools subset``
@@ -86,7 +88,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     batch lands (``batch["image"].cuda().float() * ds.scale`` equals what the default gives).
     ``transform`` is applied to the image tensor. ``verify=True`` checks each
     origin's crc32 as it is read. ``structures`` (global structure rows, e.g. from
-    :func:`cache_tools.split.compute_splits`) restricts the dataset to them, within
+    :func:`cache_tools.commands.split.compute_splits`) restricts the dataset to them, within
     ``split`` if given: a split held in memory, the cache untouched (the array is
     pickled with the dataset, 8 bytes a structure). Image bytes come through a
     :class:`ShardReader` (``ds.reader``): at most ``max_maps`` shard maps (and
@@ -114,31 +116,12 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         fmt.require_complete(self.root, attrs)
         self.layout = fmt.VoxelLayout(self.root)
         self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
-        self.scale = fmt.dequantize_scale(attrs)
+        self.scale = attrs.scale
         self.dequantize = dequantize
         self.image_dtype = np.dtype(np.float32) if dequantize else self.layout.dtype
-        self.n_rotations = int(attrs["params"]["rotations"])
-        self.channels: list[list[str]] = attrs["params"]["channels"]
-        self.split = split
-        self.split_code: int | None = None
-        self.structures = None  # global structure rows to keep (an in-memory selection), or all
-        if structures is not None:
-            rows = np.unique(np.asarray(structures, dtype=np.int64))
-            n_rows = len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
-            if len(rows) and not (0 <= rows[0] and rows[-1] < n_rows):
-                raise IndexError(f"structures: row {rows[0] if rows[0] < 0 else rows[-1]} out of range "
-                                 f"for {n_rows} structures in {self.root}")
-            self.structures = rows
-        if split is not None:
-            names = attrs.get("splits") or []
-            if split not in names:
-                raise fmt.CacheError(f"{self.root}: no split named {split!r} (available: "
-                                     f"{', '.join(names) or 'none; run `cache-tools split`'})")
-            self.split_code = names.index(split)
-        self.subset = subset
-        if subset is not None:
-            from cache_tools.subset import subset_rows
-            subset_rows(self.root, subset, attrs)  # raises CacheError naming the stored subsets
+        self.n_rotations = attrs.params.rotations
+        self.channels: list[list[str]] = [list(c) for c in attrs.params.channels]
+        self.selection = Selection.of(self.root, attrs, split, subset, structures)
         self.transform = transform
         self.rotate = rotate
         self.seed = seed
@@ -149,12 +132,20 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.prefetch = prefetch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._state: _Local | None = None
-        rows, _, cumulative = self._structure_table()  # not kept: reopened per process
+        rows, _, cumulative = self.selection.table()  # not kept: reopened per process
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
         self._len = self.layout.n_origins if self._all else int(cumulative[-1])
         if subset is not None and self._n_structures == 0:
-            raise fmt.CacheError(f"{self.root}: {self._selection()} holds no structure")
+            raise fmt.CacheError(f"{self.root}: {self.selection.describe()} holds no structure")
+
+    @property
+    def split(self) -> str | None:
+        return self.selection.split
+
+    @property
+    def subset(self) -> str | None:
+        return self.selection.subset
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -174,48 +165,17 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         root = self.root
         self._state = _Local(os.getpid(), fmt.read_array(root, fmt.STRUCTURE_INDEX),
                              fmt.read_array(root, fmt.CENTER),
-                             None if self._all else self._structure_table())
+                             None if self._all else self.selection.table())
         return self._state
 
     def _local(self) -> _Local:
         state = self._state
         return state if state is not None and state.pid == os.getpid() else self._open()
 
-    def _selected_rows(self) -> np.ndarray:
-        """The selection: sorted int64 global rows of the structures this dataset holds.
-
-        Everything local (indices, structure positions, the split table) derives from
-        this one array; another filter (e.g. a named subset) intersects it here.
-        """
-        n = len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
-        rows = np.arange(n, dtype=np.int64) if self.structures is None else self.structures
-        if self.split_code is not None:
-            codes = fmt.read_array(self.root, fmt.STRUCTURE_SPLIT)
-            rows = rows[codes[rows] == self.split_code]
-        if self.subset is not None:
-            from cache_tools.subset import subset_rows
-            rows = np.intersect1d(rows, subset_rows(self.root, self.subset), assume_unique=True)
-        return rows
-
-    def _selection(self) -> str:
-        """The selection's name for messages: "split 'val'", "subset 'x'", both, or "the cache"."""
-        parts = ([f"split {self.split!r}"] if self.split is not None else []) + \
-                ([f"subset {self.subset!r}"] if self.subset is not None else []) + \
-                (["the selected structures"] if self.structures is not None else [])
-        return " and ".join(parts) or "the cache"
-
-    def _structure_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(selected rows, first origin id of each, cumulative origin counts with a leading 0)."""
-        rows = self._selected_rows()
-        ranges = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)[rows]
-        cumulative = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(ranges[:, 1] - ranges[:, 0], out=cumulative[1:])
-        return rows, np.ascontiguousarray(ranges[:, 0]), cumulative
-
     def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         state = self._local()
         if state.table is None:
-            state.table = self._structure_table()
+            state.table = self.selection.table()
         return state.table
 
     # --- public API --------------------------------------------------------------------
@@ -254,7 +214,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         rows, starts, cumulative = self._table()
         k = int(np.searchsorted(rows, row))
         if k == len(rows) or rows[k] != row:
-            raise ValueError(f"origin id {origin} (structure row {row}) is not in {self._selection()}")
+            raise ValueError(f"origin id {origin} (structure row {row}) is not in {self.selection.describe()}")
         return int(cumulative[k] + origin - starts[k])
 
     def _origin_ids(self, indices: np.ndarray) -> np.ndarray:
@@ -271,7 +231,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def _index_error(self, index: int):
         raise IndexError(f"index {index} out of range for {self._len} samples"
-                         + (f" in {self._selection()}" if self.split or self.subset or self.structures is not None else ""))
+                         + (f" in {self.selection.describe()}" if self.selection.selective else ""))
 
     def _choices(self, index: int) -> tuple[int, int]:
         """(stored rotation, cube rotation) of sample ``index`` this epoch."""
@@ -333,7 +293,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         origins = self._origin_ids(idx)
         idx = idx % self._len if self._len else idx
         state, n = self._state, len(origins)
-        images = _batch_buffer((n, *self._image_shape()), self.image_dtype, pin=self._pin())
+        images = batch_buffer((n, *self._image_shape()), self.image_dtype, pin=self._pin())
         out = images.numpy()
         choices = np.zeros((n, 2), dtype=np.int64)
         if self.prefetch and n:
@@ -386,7 +346,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         k = operator.index(k)
         if not -self._n_structures <= k < self._n_structures:
             raise IndexError(f"structure {k} out of range for {self._n_structures} structures"
-                             + (f" in {self._selection()}" if self.split or self.subset or self.structures is not None else ""))
+                             + (f" in {self.selection.describe()}" if self.selection.selective else ""))
         return k % self._n_structures
 
     def structure_row(self, k: int) -> int:
@@ -399,7 +359,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         rows = self._table()[0]
         k = int(np.searchsorted(rows, row))
         if k == len(rows) or rows[k] != row:
-            raise ValueError(f"structure row {row} is not in {self._selection()}")
+            raise ValueError(f"structure row {row} is not in {self.selection.describe()}")
         return k
 
     def origins_of_structure(self, k: int) -> range:
@@ -416,7 +376,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         row = self.structure_row(k)
         state = self._local()
         if state.meta is None:
-            from cache_tools.structure_meta import StructureColumns
+            from cache_tools.read.structure_meta import StructureColumns
             state.meta = StructureColumns(self.root)
         return state.meta.row(row)
 
@@ -454,53 +414,3 @@ def _scalar_index(index: Any) -> int | None:
         return None
     raise TypeError(f"dataset index must be an integer, a sequence of integers or a slice, "
                     f"got {type(index).__name__} {index!r}")
-
-
-def _batch_buffer(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> torch.Tensor:
-    """An uninitialized batch, allocated where it is going.
-
-    In a DataLoader worker the batch travels to the main process through shared
-    memory; allocating it there directly (as torch's default collate does) saves
-    the copy into shared memory and keeps big short-lived buffers out of the
-    worker's malloc heap, which would otherwise keep growing by a batch at a time.
-    """
-    dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
-    if torch.utils.data.get_worker_info() is not None:
-        numel = int(np.prod(shape))
-        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-        return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
-    return torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-
-class SampleBatch(Sequence):
-    """A batch read in one piece, that still looks like a list of samples.
-
-    ``batch_collate`` returns ``.data`` untouched; torch's default collate sees a
-    sequence of per-sample dicts (views into the batch) and stacks them, so a plain
-    ``DataLoader(ds, batch_size=B)`` works too, at the cost of one more copy.
-    """
-
-    def __init__(self, data: dict[str, torch.Tensor]):
-        self.data = data
-        self._samples: list[dict[str, Any]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.data["origin_id"])
-
-    def __getitem__(self, k):
-        if self._samples is None:  # built once, only when someone treats the batch as a list
-            d = self.data
-            self._samples = [
-                {"image": image, "origin_id": origin, "structure_index": structure,
-                 "center_A": center, "rotation": rotation, "cube_rotation": cube}
-                for image, origin, structure, center, rotation, cube in zip(
-                    d["image"].unbind(0), d["origin_id"].tolist(), d["structure_index"].tolist(),
-                    d["center_A"].unbind(0), d["rotation"].tolist(), d["cube_rotation"].tolist())]
-        return self._samples[k]
-
-
-def batch_collate(batch):
-    """``collate_fn`` for VoxelCacheDataset: a SampleBatch passes through, anything else is collated."""
-    if isinstance(batch, SampleBatch):
-        return batch.data
-    return torch.utils.data.default_collate(batch)

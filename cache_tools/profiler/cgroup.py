@@ -20,119 +20,20 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cache_tools.read.budget import (Mount, cgroup_dir, cgroup_mounts, memory_budget, own_cgroup, read_int,
+                                     read_keyed, read_text)
+
 __all__ = ["CgroupUnavailable", "MemoryCap", "run_in_memory_cap", "format_cap_report", "memory_budget"]
+
 
 _MIB = 1 << 20
 
 
 class CgroupUnavailable(RuntimeError):
     """No cgroup with a memory limit can be created here; the message says why."""
-
-
-@dataclass(frozen=True)
-class _Mount:
-    version: int          # 1 or 2
-    mountpoint: Path      # where the hierarchy is mounted
-    root: str             # which cgroup path the mount exposes (not "/" inside some containers)
-
-
-def _cgroup_mounts() -> list[_Mount]:
-    """cgroup2 mounts and cgroup v1 mounts carrying the memory controller."""
-    mounts: list[_Mount] = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return mounts
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        fstype, superopts = tail[0], tail[2].split(",")
-        mountpoint = Path(fields[4].replace("\\040", " "))
-        if fstype == "cgroup2":
-            mounts.append(_Mount(2, mountpoint, fields[3]))
-        elif fstype == "cgroup" and "memory" in superopts:
-            mounts.append(_Mount(1, mountpoint, fields[3]))
-    return mounts
-
-
-def _own_cgroup(version: int) -> str | None:
-    """Our cgroup path in the v2 hierarchy or the v1 memory hierarchy."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hierarchy_id, controllers, path = line.split(":", 2)
-        if version == 2 and hierarchy_id == "0" and controllers == "":
-            return path
-        if version == 1 and "memory" in controllers.split(","):
-            return path
-    return None
-
-
-def _dir_for(mount: _Mount, cgroup_path: str) -> Path:
-    rel = cgroup_path
-    if mount.root != "/" and rel.startswith(mount.root):
-        rel = rel[len(mount.root):]
-    return mount.mountpoint / rel.lstrip("/")
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _read_int(path: Path) -> int | None:
-    text = _read(path)
-    try:
-        return int(text.split()[0]) if text else None
-    except ValueError:
-        return None
-
-
-def _read_keyed(path: Path) -> dict[str, int]:
-    """Parse 'key value' lines (memory.events, memory.oom_control)."""
-    out: dict[str, int] = {}
-    for line in (_read(path) or "").splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            out[parts[0]] = int(parts[1])
-    return out
-
-
-def memory_budget() -> int:
-    """Bytes this process may fill with anonymous memory and page cache together.
-
-    The smallest of the machine's RAM and the memory limits of our cgroup and its
-    ancestors (what SLURM's ``--mem`` sets), v2 ``memory.max`` or v1
-    ``memory.limit_in_bytes``; unlimited levels are skipped.
-    """
-    budget = None
-    for line in (_read(Path("/proc/meminfo")) or "").splitlines():
-        if line.startswith("MemTotal:"):
-            budget = int(line.split()[1]) * 1024
-    for mount in _cgroup_mounts():
-        own = _own_cgroup(mount.version)
-        if own is None:
-            continue
-        directory = _dir_for(mount, own)
-        limit_file = "memory.max" if mount.version == 2 else "memory.limit_in_bytes"
-        while True:
-            limit = _read_int(directory / limit_file)  # "max" (v2) reads as None
-            if limit is not None and limit < 1 << 60:  # v1 spells "no limit" as ~2**63
-                budget = limit if budget is None else min(budget, limit)
-            if directory == mount.mountpoint or directory.parent == directory:
-                break
-            directory = directory.parent
-    return budget if budget is not None else 1 << 62
 
 
 def _why(exc: OSError) -> str:
@@ -172,7 +73,7 @@ class MemoryCap:
     # -- creation ---------------------------------------------------------------------------
     def create(self) -> "MemoryCap":
         """Create the cgroup and set its limit; raise CgroupUnavailable saying why not."""
-        mounts = _cgroup_mounts()
+        mounts = cgroup_mounts()
         reasons: list[str] = []
         for mount in [m for m in mounts if m.version == 2]:
             try:
@@ -190,10 +91,10 @@ class MemoryCap:
             raise CgroupUnavailable("no cgroup filesystem is mounted (looked in /proc/self/mountinfo)")
         raise CgroupUnavailable("; ".join(reasons))
 
-    def _create_v2(self, mount: _Mount) -> None:
-        if "memory" not in (_read(mount.mountpoint / "cgroup.controllers") or "").split():
+    def _create_v2(self, mount: Mount) -> None:
+        if "memory" not in (read_text(mount.mountpoint / "cgroup.controllers") or "").split():
             raise CgroupUnavailable(f"cgroup v2 at {mount.mountpoint} has no memory controller")
-        own = _own_cgroup(2) or "/"
+        own = own_cgroup(2) or "/"
         # Walk up from our own cgroup: a cgroup that holds processes cannot enable
         # controllers for its children ("no internal processes"), except the root.
         candidates = [own]
@@ -201,10 +102,10 @@ class MemoryCap:
             candidates.append(os.path.dirname(candidates[-1].rstrip("/")) or "/")
         last_error = "no usable parent cgroup"
         for cgroup_path in candidates:
-            parent = _dir_for(mount, cgroup_path)
-            if "memory" not in (_read(parent / "cgroup.controllers") or "").split():
+            parent = cgroup_dir(mount, cgroup_path)
+            if "memory" not in (read_text(parent / "cgroup.controllers") or "").split():
                 continue
-            if "memory" not in (_read(parent / "cgroup.subtree_control") or "").split():
+            if "memory" not in (read_text(parent / "cgroup.subtree_control") or "").split():
                 try:
                     (parent / "cgroup.subtree_control").write_text("+memory")
                 except OSError as exc:
@@ -227,8 +128,8 @@ class MemoryCap:
             return
         raise CgroupUnavailable(last_error)
 
-    def _create_v1(self, mount: _Mount) -> None:
-        parent = _dir_for(mount, _own_cgroup(1) or "/")
+    def _create_v1(self, mount: Mount) -> None:
+        parent = cgroup_dir(mount, own_cgroup(1) or "/")
         path = parent / self.name
         try:
             path.mkdir()
@@ -255,19 +156,19 @@ class MemoryCap:
         """Peak usage and OOM counters of the cgroup, read before it is removed."""
         assert self.path is not None, "create() first"
         if self.version == 2:
-            events = _read_keyed(self.path / "memory.events")
+            events = read_keyed(self.path / "memory.events")
             return {
                 "version": 2, "path": str(self.path), "limit": self.cap_bytes,
-                "peak": _read_int(self.path / "memory.peak"),      # kernel >= 5.19
+                "peak": read_int(self.path / "memory.peak"),      # kernel >= 5.19
                 "oom_kills": events.get("oom_kill"), "oom_events": events.get("oom"),
                 "limit_hits": events.get("max"),
             }
-        oom = _read_keyed(self.path / "memory.oom_control")
+        oom = read_keyed(self.path / "memory.oom_control")
         return {
             "version": 1, "path": str(self.path), "limit": self.cap_bytes,
-            "peak": _read_int(self.path / "memory.max_usage_in_bytes"),
+            "peak": read_int(self.path / "memory.max_usage_in_bytes"),
             "oom_kills": oom.get("oom_kill"), "oom_events": None,   # oom_kill: kernel >= 4.13
-            "limit_hits": _read_int(self.path / "memory.failcnt"),
+            "limit_hits": read_int(self.path / "memory.failcnt"),
         }
 
     def remove(self) -> int:
@@ -279,7 +180,7 @@ class MemoryCap:
         if self.path is None:
             return 0
         for attempt in range(50):
-            for pid in [int(p) for p in (_read(self.path / "cgroup.procs") or "").split()]:
+            for pid in [int(p) for p in (read_text(self.path / "cgroup.procs") or "").split()]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.add(pid)

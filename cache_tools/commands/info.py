@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools import structure_meta
+from cache_tools.commands.options import human_bytes
+from cache_tools.read import structure_meta
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,37 +20,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def cache_info(root: str | Path) -> dict:
     """A JSON-ready description of the cache; works on an incomplete build too."""
     root = Path(root)
     attrs = fmt.read_attrs(root)
-    params = attrs["params"]
+    params = attrs.params
     info: dict = {
         "path": str(root.absolute()),
-        "complete": bool(attrs.get("complete")),
-        "format_version": attrs["format_version"],
-        "pipeline_version": attrs.get("pipeline_version"),
-        "grid": {"voxels_per_side": params["image"]["grid_voxels"],
-                 "resolution_A": params["image"]["resolution_A"]},
-        "channels": params["channels"],
-        "atom_radius_A": params["image"]["atom_radius_A"],
-        "voxelizer": params["voxelizer"],
-        "storage": params["storage"],
-        "rotations": params["rotations"],
-        "origins_rule": params["origins"],
-        "inputs": params["n_inputs"],
-        "build": attrs.get("build", {}),
-        "failures": attrs.get("failures", []) if attrs.get("complete") else failures_so_far(root),
-        "duplicates": attrs.get("duplicates", []),
-        "empty": attrs.get("empty", []),
+        "complete": attrs.complete,
+        "format_version": attrs.format_version,
+        "pipeline_version": attrs.pipeline_version,
+        "grid": {"voxels_per_side": params.image.grid_voxels, "resolution_A": params.image.resolution_A},
+        "channels": [list(c) for c in params.channels],
+        "atom_radius_A": params.image.atom_radius_A,
+        "voxelizer": params.voxelizer.to_json(),
+        "storage": params.storage.to_json(),
+        "rotations": params.rotations,
+        "origins_rule": params.origins.to_json(),
+        "inputs": params.n_inputs,
+        "build": attrs.build,
+        "failures": [n.to_json() for n in attrs.failures] if attrs.complete else failures_so_far(root),
+        "duplicates": [n.to_json() for n in attrs.duplicates],
+        "empty": [n.to_json() for n in attrs.empty],
         "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
     if not info["complete"]:
@@ -59,8 +53,8 @@ def cache_info(root: str | Path) -> dict:
                     origins_per_shard=layout.origins_per_shard)
         stored = fmt.voxels_nbytes(layout)
         info["voxels"] = {  # what the shard files hold, compressed or not
-            "codec": layout.codec["name"] if layout.codec else "none",
-            "level": layout.codec["configuration"].get("level") if layout.codec else None,
+            "codec": layout.codec.name if layout.codec else "none",
+            "level": layout.codec.level if layout.codec else None,
             "stored_bytes": stored,
             "stored_bytes_per_origin": round(stored / layout.n_origins, 1) if layout.n_origins else None,
             "compression_ratio": round(layout.n_origins * layout.origin_nbytes / stored, 2) if stored else None}
@@ -72,14 +66,14 @@ def cache_info(root: str | Path) -> dict:
                                          "max": int(per.max())}
         if (root / fmt.STRUCTURE_SPLIT).exists():
             codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
-            names = attrs.get("splits", [])
+            names = attrs.splits
             info["splits"] = {name: {"structures": int((codes == i).sum()),
                                      "origins": int(per[codes == i].sum())}
                               for i, name in enumerate(names)}
         if (root / fmt.STRUCTURE_ATOM_COUNT / "zarr.json").exists():
-            info["structure_meta"] = structure_meta.distributions(root)
-        if attrs.get("subsets"):
-            info["subsets"] = attrs["subsets"]
+            info["structure_meta"] = distributions(root)
+        if attrs.subsets:
+            info["subsets"] = {name: record.to_json() for name, record in attrs.subsets.items()}
     return info
 
 
@@ -151,7 +145,7 @@ def format_info(info: dict) -> str:
     for name, split in info.get("splits", {}).items():
         lines.append(f"  split {name}: {split['structures']} structures, {split['origins']} origins")
     if "structure_meta" in info:
-        lines.extend(structure_meta.format_distributions(info["structure_meta"]))
+        lines.extend(format_distributions(info["structure_meta"]))
     for name, subset in info.get("subsets", {}).items():
         lines.append(f"  subset {name}: {subset['structures']} structures, {subset['origins']} origins "
                      f"where {subset['where']}")
@@ -182,3 +176,61 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
+
+
+# --- structure metadata ---------------------------------------------------------------
+
+def distributions(root: str | os.PathLike) -> dict[str, Any] | None:
+    """What `cache-tools info` shows: counts per method/polymer, ranges of the numbers and dates."""
+    cols = structure_meta.StructureColumns(root)
+    if not cols.present:
+        return None
+    out: dict[str, Any] = {}
+    for column in ("method", "polymer"):
+        bits = cols.values(column).astype(np.int64)
+        out[column] = {name: int((bits >> i & 1).sum()) for i, name in enumerate(structure_meta.VOCABULARY[column])
+                       if (bits >> i & 1).any()}
+        out[column]["(none)"] = int((bits == 0).sum())
+    res = cols.values("resolution")
+    known = res[~np.isnan(res)]
+    edges = [0, 1.5, 2.0, 2.5, 3.0, 4.0, np.inf]
+    out["resolution_A"] = {
+        "absent": int(np.isnan(res).sum()),
+        **({"min": float(known.min()), "median": float(np.median(known)), "max": float(known.max())}
+           if len(known) else {}),
+        "histogram": {(f"<{hi:g}" if lo == 0 else f">={lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}"):
+                      int(((known >= lo) & (known < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])},
+    }
+    for column in ("deposited", "released"):
+        days = cols.values(column)
+        known = np.sort(days[days != fmt.DATE_MISSING])
+        out[column] = {"absent": int(len(days) - len(known))}
+        if len(known):
+            out[column].update(first=str(fmt.days_to_date(known[0])), median=str(fmt.days_to_date(known[len(known) // 2])),
+                               last=str(fmt.days_to_date(known[-1])))
+    for column in ("models", "chains"):
+        v = cols.values(column)
+        out[column] = {"min": int(v.min()), "median": float(np.median(v)), "max": int(v.max())} if len(v) else {}
+    return out
+
+
+def format_distributions(d: dict[str, Any] | None) -> list[str]:
+    if d is None:
+        return ["  metadata:   absent (built before structure metadata was recorded)"]
+    def counts(c: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in c.items() if v or k != "(none)")
+    res = d["resolution_A"]
+    lines = [f"  method:     {counts(d['method'])}",
+             f"  polymer:    {counts(d['polymer'])}",
+             "  resolution: " + (f"min {res['min']:.2f}, median {res['median']:.2f}, max {res['max']:.2f} Å; "
+                                 if "min" in res else "")
+             + ", ".join(f"{k} {v}" for k, v in res["histogram"].items()) + f"; absent {res['absent']}"]
+    for column in ("deposited", "released"):
+        c = d[column]
+        lines.append(f"  {column + ':':<11} " + (f"{c['first']} .. {c['last']} (median {c['median']}); "
+                                                  if "first" in c else "") + f"absent {c['absent']}")
+    for column in ("models", "chains"):
+        c = d[column]
+        if c:
+            lines.append(f"  {column + ':':<11} min {c['min']}, median {c['median']:g}, max {c['max']}")
+    return lines

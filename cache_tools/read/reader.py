@@ -88,6 +88,7 @@ class _Local:
     scratch: threading.local = field(default_factory=threading.local)
     crc: np.ndarray | None = None
     pool: ThreadPoolExecutor | None = None
+    pool_threads: int = 0  # threads of ``pool``
     lock: threading.Lock = field(default_factory=threading.Lock)  # the LRU, for callers' threads
 
 
@@ -100,7 +101,7 @@ class ShardReader:
         self.verify = verify
         self.max_maps = max_maps
         self.threads = threads
-        self._decode = fmt.decoder(layout.codec)
+        self._decode = _decoder(layout.codec)
         self._state: _Local | None = None
 
     def __getstate__(self) -> dict:
@@ -108,7 +109,7 @@ class ShardReader:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._decode = fmt.decoder(self.layout.codec)
+        self._decode = _decoder(self.layout.codec)
 
     def _local(self) -> _Local:
         state = self._state
@@ -154,10 +155,10 @@ class ShardReader:
         except FileNotFoundError:
             raise fmt.CacheError(f"{where} is missing") from None
         if layout.codec is not None:
-            index_start = size - 16 * layout.origins_per_shard
+            index_start = size - layout.index_nbytes
             if index_start < 0:
-                raise fmt.CacheError(f"{where}: {fmt.index_problem(layout, shard, None, size)} "
-                                     "(damaged cache; run cache-tools check)")
+                raise fmt.CacheError(f"{where}: {size} bytes, too short for its {layout.index_nbytes}-byte "
+                                     "shard index (damaged cache; run cache-tools check)")
             # Entries are checked as they are read (_decode_into), not all here: at PDB scale
             # a random read opens a shard most times, and checking 7k entries cost 3x the read.
             return _Shard(None, file=file, index_start=index_start)
@@ -223,17 +224,16 @@ class ShardReader:
 
     def _decode_into(self, entry: _Shard, j: int, origin: int, out: np.ndarray) -> None:
         fd = entry.file.fd
-        raw = os.pread(fd, 16, entry.index_start + 16 * j)
-        if len(raw) != 16:  # the file shrank after it was opened
+        raw = os.pread(fd, fmt.INDEX_ENTRY_NBYTES, entry.index_start + fmt.INDEX_ENTRY_NBYTES * j)
+        if len(raw) != fmt.INDEX_ENTRY_NBYTES:  # the file shrank after it was opened
             raise fmt.CacheError(f"{self._where(origin)} is truncated (damaged cache; run cache-tools check)")
         offset, nbytes = _INDEX_ENTRY.unpack(raw)
         if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
             out[...] = 0
             return
-        if offset + nbytes > entry.index_start:
-            raise fmt.CacheError(f"{self._where(origin)}: its index entry points past the data (offset "
-                                 f"{offset}, {nbytes} bytes, data ends at {entry.index_start}); truncated or "
-                                 "damaged (run cache-tools check)")
+        problem = fmt.entry_problem(offset, nbytes, entry.index_start)
+        if problem:
+            raise fmt.CacheError(f"{self._where(origin)}: its index entry {problem} (run cache-tools check)")
         try:
             self._decode(os.pread(fd, nbytes, offset), out)
         except (RuntimeError, ValueError) as exc:
@@ -299,8 +299,9 @@ class ShardReader:
         if threads <= 1:
             run(jobs)
             return
-        if local.pool is None or local.pool._max_workers < threads:
+        if local.pool is None or local.pool_threads < threads:
             local.pool = ThreadPoolExecutor(threads, thread_name_prefix="voxel-decode")
+            local.pool_threads = threads
         step = -(-len(jobs) // threads)
         futures = [local.pool.submit(run, jobs[i:i + step]) for i in range(step, len(jobs), step)]
         run(jobs[:step])
@@ -329,7 +330,8 @@ class ShardReader:
                 if entry.file is None:
                     start, stop = lo * nbytes, hi * nbytes
                 else:
-                    index = np.frombuffer(os.pread(entry.file.fd, 16 * (hi - lo), entry.index_start + 16 * lo),
+                    step = fmt.INDEX_ENTRY_NBYTES
+                    index = np.frombuffer(os.pread(entry.file.fd, step * (hi - lo), entry.index_start + step * lo),
                                           "<u8").reshape(-1, 2)
                     present = index[index[:, 0] != fmt.EMPTY_INDEX_ENTRY]
                     if not len(present):
@@ -343,6 +345,19 @@ class ShardReader:
                     entry.mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
                 else:
                     os.posix_fadvise(entry.file.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+
+
+def _decoder(codec: fmt.Codec | None):
+    """(stored bytes, out array) -> None: decode one origin into ``out``, or None when uncompressed.
+
+    numcodecs' zstd decompresses into ``out`` directly (no intermediate copy) and
+    raises RuntimeError on damaged input, ValueError on a size mismatch.
+    """
+    if codec is None:
+        return None
+    from numcodecs.zstd import decompress
+
+    return decompress
 
 
 def scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Union
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools.structure_meta import COLUMNS, VOCABULARY, StructureColumns, date_to_days
+from cache_tools.read.structure_meta import COLUMNS, VOCABULARY, StructureColumns
 
 
 class ExpressionError(ValueError):
@@ -198,7 +198,7 @@ def _check(column: str, op: str, lit: Token) -> Any:
         return float(lit.text)
     if kind == "date":
         try:
-            return date_to_days(lit.text)
+            return fmt.date_to_days(lit.text)
         except ValueError as exc:
             raise ExpressionError(f"position {lit.pos}: {exc}") from None
     text = lit.text[1:-1]

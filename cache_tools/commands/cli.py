@@ -9,16 +9,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-from cache_tools.options import OneLineParser
+from cache_tools.commands.options import OneLineParser
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("cache_tools.info", "show parameters, counts, bytes and completeness of a cache"),
-    "check": ("cache_tools.check", "verify a cache: completeness, checksums, values, staleness"),
-    "split": ("cache_tools.split", "assign structures to train/val/test splits stored in the cache"),
-    "subset": ("cache_tools.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
-    "show": ("cache_tools.show", "draw origins as max-intensity projections per channel: a contact sheet to check by eye"),
-    "profile-memory": ("cache_tools.memory_cli", "sample private/shared, anon/file memory of a process tree"),
+    "info": ("cache_tools.commands.info", "show parameters, counts, bytes and completeness of a cache"),
+    "check": ("cache_tools.commands.check", "verify a cache: completeness, checksums, values, staleness"),
+    "split": ("cache_tools.commands.split", "assign structures to train/val/test splits stored in the cache"),
+    "subset": ("cache_tools.commands.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
+    "show": ("cache_tools.commands.show", "draw origins as max-intensity projections per channel: a contact sheet to check by eye"),
+    "profile-memory": ("cache_tools.commands.profile_memory", "sample private/shared, anon/file memory of a process tree"),
 }
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(chosen) + 1:]  # the command's own arguments, for commands that hand them on
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

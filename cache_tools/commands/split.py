@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
-from cache_tools.options import fraction, non_negative_int
+from cache_tools.commands.options import fraction, non_negative_int
 
 SPLIT_NAMES = ("train", "val", "test")
 BALANCE = ("structures", "origins")
@@ -139,25 +139,24 @@ def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: i
                   by_date: dict[str, str] | None = None) -> dict[str, int]:
     """Write the split assignment into the cache; returns structures per split."""
     names, codes = compute_splits(root, val, test, seed, from_files, balance, by_date)
-    attrs = fmt.read_attrs(root)
     fmt.write_array(root, fmt.STRUCTURE_SPLIT, codes)
-    fmt.update_attrs(root, splits=names,
-                     metadata_crc32={**attrs.get("metadata_crc32", {}),
-                                     fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)},
-                     split_params={"by_date": by_date} if by_date else
-                     {"val": val, "test": test, "seed": seed, "balance": balance,
-                      "from_files": sorted((from_files or {}).keys())})
+    fmt.update_attrs(root, lambda a: a.replace(
+        splits=tuple(names),
+        metadata_crc32={**a.metadata_crc32, fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)},
+        split_params={"by_date": by_date} if by_date else
+        {"val": val, "test": test, "seed": seed, "balance": balance,
+         "from_files": sorted((from_files or {}).keys())}))
     return {name: int((codes == i).sum()) for i, name in enumerate(names)}
 
 
 def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[str, str]) -> np.ndarray:
     """Assign the still-free structures (code 255) by deposition date; undated ones go to 'train'."""
-    from cache_tools.structure_meta import StructureColumns, date_to_days
+    from cache_tools.read.structure_meta import StructureColumns
 
     bounds = []
     for name, text in by_date.items():
         try:
-            bounds.append((date_to_days(text), name))
+            bounds.append((fmt.date_to_days(text), name))
         except ValueError as exc:
             raise ValueError(f"--by-date {name}={text}: {exc}") from None
         if name == "train":
@@ -217,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if shared:
         print(f"  kept together: {shared} entries with more than one structure (same entry id or content)")
     if args.by_date:
-        from cache_tools.structure_meta import StructureColumns
+        from cache_tools.read.structure_meta import StructureColumns
         undated = int((StructureColumns(args.cache).values("deposited") == fmt.DATE_MISSING).sum())
         if undated:
             print(f"{undated} structures have no deposition date; they went to 'train' (or their --from-file split)")

@@ -1,0 +1,262 @@
+"""The checks of a cache's own bytes, each problem one line naming origins, structure and file:
+metadata arrays, shard files and zarr's shard index, every origin's checksum and values.
+
+:mod:`.check` runs them (and the staleness of sources); ``pipeline check`` adds what needs
+the build's code.
+"""
+from __future__ import annotations
+
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache_tools import format as fmt
+from cache_tools.read.reader import ShardReader
+
+UNIT_BYTES = 16 << 20  # bytes of voxels per checksum task: small enough to spread over cores
+SHARD_KINDS = ("missing-shard", "truncated-shard", "shard-index", "undecodable", "checksum", "non-finite",
+               "negative", "spot-check")  # problems a shard rewrite mends
+
+
+@dataclass
+class Problem:
+    kind: str
+    detail: str
+    origins: tuple[int, int] | None = None   # first, last (inclusive)
+    structure: str | None = None
+    source: str | None = None
+    file: str | None = None                  # relative to the cache
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "origins": list(self.origins) if self.origins is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Problem":
+        return cls(**{**d, "origins": tuple(d["origins"]) if d["origins"] is not None else None})
+
+    def line(self) -> str:
+        where = []
+        if self.origins is not None:
+            a, b = self.origins
+            where.append(f"origin {a}" if a == b else f"origins {a}-{b}")
+        if self.structure is not None:
+            where.append(f"structure {self.structure}" + (f" ({self.source})" if self.source else ""))
+        if self.file is not None:
+            where.append(f"in {self.file}")
+        return f"{self.kind}: {', '.join(where) + ': ' if where else ''}{self.detail}"
+
+
+class Cache:
+    """What the check needs of a cache, read once; tolerant of damaged metadata (fields are None)."""
+
+    def __init__(self, root: Path, attrs: dict | None = None):
+        self.root = root
+        self.attrs = attrs if attrs is not None else fmt.read_attrs(root)
+        self.layout = fmt.VoxelLayout(root)  # CacheError: cannot read the images at all
+        self.reader = ShardReader(self.layout, threads=1)
+        self.problems: list[Problem] = []
+        self.ranges = self.ids = self.paths = self.structure_index = self.crc32 = None
+        self.sha256 = self.atom_count = None
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    def structures_of(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """(structure index or -1, first, last) pieces of an inclusive origin range."""
+        if self.ranges is None:
+            return [(-1, first, last)]
+        out = []
+        k = int(np.searchsorted(self.ranges[:, 1], first, side="right"))
+        while first <= last and k < len(self.ranges):
+            stop = min(last, int(self.ranges[k, 1]) - 1)
+            out.append((k, first, stop))
+            first, k = stop + 1, k + 1
+        return out
+
+    def name(self, k: int) -> tuple[str | None, str | None]:
+        if k < 0 or self.ids is None:
+            return None, None
+        return self.ids[k], (self.paths[k] if self.paths is not None else None)
+
+    def report(self, kind: str, detail: str, first: int, last: int, file: str | None = None) -> None:
+        """One problem per structure the origin range touches."""
+        for k, a, b in self.structures_of(first, last):
+            sid, source = self.name(k)
+            self.problems.append(Problem(kind, detail, (a, b), sid, source, file))
+
+
+# --- metadata -------------------------------------------------------------------------
+
+def check_metadata(c: Cache) -> None:
+    n, params = c.layout.n_origins, c.attrs.params
+    rotations = params.rotations
+
+    def load(name: str, shape: tuple | None = None, quiet: bool = False) -> np.ndarray | None:
+        try:
+            array = fmt.read_array(c.root, name)
+        except fmt.CacheError as exc:
+            if not quiet:
+                c.problems.append(Problem("metadata", str(exc).removeprefix(f"{c.root}: "), file=name))
+            return None
+        if shape is not None and array.shape != shape:
+            c.problems.append(Problem("metadata", f"shape {array.shape}, expected {shape}", file=name))
+            return None
+        return array
+
+    def ragged(name: str, m: int) -> list[str] | None:
+        blob, offsets = load(name + "_utf8"), load(name + "_offsets", (m + 1,))
+        if blob is None or offsets is None:
+            return None
+        if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
+            c.problems.append(Problem("metadata", "offsets do not partition the string bytes",
+                                      file=name + "_offsets"))
+            return None
+        try:
+            return [fmt.ragged_item(blob, offsets, k) for k in range(m)]
+        except UnicodeDecodeError:
+            c.problems.append(Problem("metadata", "strings are not valid UTF-8", file=name + "_utf8"))
+            return None
+
+    for name, recorded in c.attrs.metadata_crc32.items():
+        try:
+            changed = fmt.chunk_crc32(c.root, name) != recorded
+        except (OSError, fmt.CacheError):
+            continue  # reported below, when the array is read
+        if changed:
+            c.problems.append(Problem("metadata", "contents changed since the build (crc32 differs)", file=name))
+    ranges = load(fmt.STRUCTURE_ORIGIN_RANGE)
+    m = len(ranges) if ranges is not None and ranges.ndim == 2 and ranges.shape[1] == 2 else None
+    if m is None:
+        if ranges is not None:
+            c.problems.append(Problem("metadata", f"shape {ranges.shape}, expected (M, 2)",
+                                      file=fmt.STRUCTURE_ORIGIN_RANGE))
+        counts = load(fmt.STRUCTURE_ATOM_COUNT, quiet=True)
+        m = len(counts) if counts is not None else 0
+    else:
+        starts, stops = ranges[:, 0], ranges[:, 1]
+        gaps = np.flatnonzero(starts[1:] != stops[:-1])
+        if m == 0 or starts[0] != 0 or stops[-1] != n or len(gaps) or np.any(stops <= starts):
+            where = (f"structures {gaps[0]} and {gaps[0] + 1}: [{starts[gaps[0]]}, {stops[gaps[0]]}) then "
+                     f"[{starts[gaps[0] + 1]}, {stops[gaps[0] + 1]})" if len(gaps) else
+                     f"first starts at {starts[0] if m else '-'}, last stops at {stops[-1] if m else '-'}, N = {n}")
+            c.problems.append(Problem("metadata", f"structure origin ranges do not tile 0..{n - 1} ({where})",
+                                      file=fmt.STRUCTURE_ORIGIN_RANGE))
+        else:
+            c.ranges = ranges
+    c.ids = ragged(fmt.STRUCTURE_ID, m)
+    c.paths = ragged(fmt.STRUCTURE_SOURCE_PATH, m)
+    if (c.root / (fmt.STRUCTURE_ENTRY_ID + "_offsets")).exists():  # absent in older caches
+        ragged(fmt.STRUCTURE_ENTRY_ID, m)
+    c.sha256 = load(fmt.STRUCTURE_SHA256, (m, 32))
+    c.atom_count = load(fmt.STRUCTURE_ATOM_COUNT, (m,))
+    load(fmt.CENTER, (n, 3))
+    c.crc32 = load(fmt.CRC32, (n,))
+    if rotations > 1:
+        load(fmt.ROTATION, (n, rotations, 3, 3))
+    structure_index = load(fmt.STRUCTURE_INDEX, (n,))
+    if structure_index is not None and c.ranges is not None:
+        expected = np.repeat(np.arange(m, dtype=np.int32), c.ranges[:, 1] - c.ranges[:, 0])
+        wrong = np.flatnonzero(structure_index != expected)
+        if len(wrong):
+            c.report("metadata", f"{len(wrong)} origins' structure index disagrees with the structure ranges",
+                     int(wrong[0]), int(wrong[-1]), file=fmt.STRUCTURE_INDEX)
+    if (c.root / fmt.STRUCTURE_SPLIT).exists():
+        codes = load(fmt.STRUCTURE_SPLIT, (m,))
+        names = c.attrs.splits
+        if codes is not None and np.any(codes >= len(names)):
+            c.problems.append(Problem("metadata", f"split codes beyond the {len(names)} split names "
+                                      f"{names}", file=fmt.STRUCTURE_SPLIT))
+    # dtype and shape as the attributes say
+    shape = ((rotations,) if rotations > 1 else ()) + (len(params.channels),) + (params.image.grid_voxels,) * 3
+    if tuple(c.layout.image_shape) != shape or c.layout.dtype.name != params.storage.dtype:
+        c.problems.append(Problem("metadata", f"voxels are {c.layout.dtype.name} {list(c.layout.image_shape)}, "
+                                  f"attributes say {params.storage.dtype} {list(shape)}", file=fmt.VOXELS))
+
+
+
+# --- voxels ---------------------------------------------------------------------------
+
+def check_shard_files(c: Cache) -> list[int]:
+    """Sizes and zarr shard indexes (the format's one shard check); returns the shards whose bytes can be read."""
+    layout, readable = c.layout, []
+    for shard in range(layout.n_shards):
+        lo = shard * layout.origins_per_shard
+        problem = layout.shard_problem(shard)
+        if problem is None:
+            readable.append(shard)
+            continue
+        kind, detail = problem
+        c.report(kind, detail, lo, lo + layout.origins_in_shard(shard) - 1, c.rel(layout.shard_path(shard)))
+        if kind == "shard-index" and layout.codec is None:
+            readable.append(shard)  # the bytes are where they should be; only zarr's index is wrong
+    return readable
+
+
+def _scan_unit(c: Cache, lo: int, hi: int) -> tuple[int, dict[str, list[int]]]:
+    """(bytes checked, {problem kind: origins}) of origins [lo, hi), read through the Dataset's reader.
+
+    The crc32 covers each origin's stored bytes before compression (the image as its
+    storage dtype), so a compressed origin is decoded first: that checks its zstd frame
+    (and zstd's own content checksum) as well.
+    """
+    found: dict[str, list[int]] = {"undecodable": [], "checksum": [], "non-finite": [], "negative": []}
+    floating = c.layout.dtype.kind == "f"
+    for origin in range(lo, hi):
+        try:
+            stored = c.reader.view(origin)  # zlib and zstd release the GIL: threads use all cores
+        except fmt.CacheError:
+            found["undecodable"].append(origin)
+            continue
+        if c.crc32 is not None and zlib.crc32(stored) != c.crc32[origin]:
+            found["checksum"].append(origin)
+        if floating:
+            if not np.isfinite(stored).all():
+                found["non-finite"].append(origin)
+            if (stored < 0).any():
+                found["negative"].append(origin)
+    return (hi - lo) * c.layout.origin_nbytes, found
+
+
+def check_voxels(c: Cache, shards: list[int], workers: int, progress: bool) -> int:
+    """Checksums and values of every origin of ``shards``, on ``workers`` threads; returns bytes read."""
+    from tqdm import tqdm
+
+    layout = c.layout
+    per_unit = max(1, UNIT_BYTES // layout.origin_nbytes)
+    units = []
+    for shard in shards:
+        first = shard * layout.origins_per_shard
+        stop = first + layout.origins_in_shard(shard)
+        units += [(lo, min(lo + per_unit, stop)) for lo in range(first, stop, per_unit)]
+    found: dict[str, list[int]] = {"undecodable": [], "checksum": [], "non-finite": [], "negative": []}
+    total = sum(hi - lo for lo, hi in units) * layout.origin_nbytes
+    read = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=total, desc="checksums", unit="B", unit_scale=True, disable=not progress) as bar:
+        for nread, unit_found in pool.map(lambda u: _scan_unit(c, *u), units):
+            for kind, origins in unit_found.items():
+                found[kind] += origins
+            read += nread
+            bar.update(nread)
+    details = {"undecodable": "compressed bytes do not decode (zstd frame or its checksum damaged)",
+               "checksum": "crc32 differs from the one recorded at build time (bytes changed)",
+               "non-finite": "NaN or infinite voxel values", "negative": "negative voxel values"}
+    per_shard = layout.origins_per_shard
+    for kind, origins in found.items():
+        for a, b in _runs(sorted(origins), per_shard):
+            c.report(kind, details[kind], a, b, c.rel(layout.shard_path(a // per_shard)))
+    return read
+
+
+def _runs(ids: list[int], per_shard: int) -> list[tuple[int, int]]:
+    """Sorted ids -> (first, last) runs of consecutive ids within one shard: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1 and i % per_shard:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs

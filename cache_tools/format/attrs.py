@@ -1,0 +1,298 @@
+"""The cache attributes (``zarr.json`` of the group, key ``voxel_cache``), parsed once into
+frozen dataclasses: what the build was asked for (:class:`CacheParams`, compared on resume),
+what it recorded, and what later commands added (splits, subsets).
+
+``to_json`` writes exactly the JSON every earlier version wrote (keys that did not exist
+then are left out while they hold their default), so ``from_json(doc).to_json() == doc``
+and an old cache still opens and still resumes. Keys this version does not know are kept
+in ``extra`` and written back untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from cache_tools.format.names import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, CacheError
+from cache_tools.format.store import read_json, write_json_atomic
+
+
+def _known(cls, doc: dict) -> tuple[dict, dict]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in doc.items() if k in names}, {k: v for k, v in doc.items() if k not in names}
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    grid_voxels: int
+    resolution_A: float
+    n_channels: int
+    atom_radius_A: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class VoxelizerParams:
+    name: str
+    version: str
+    fill_algorithm: str
+    agg_algorithm: str
+    occupancy: Any = 1.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """How float32 images are stored: ``dtype``, and ``scale`` that turns stored values back
+    into voxel values (``uint8_max / 255`` for uint8, else 1)."""
+    dtype: str
+    scale: float
+    max_abs_error: float | str
+    uint8_max: float | None = None
+
+    def to_json(self) -> dict:
+        doc = {"dtype": self.dtype, "scale": self.scale, "max_abs_error": self.max_abs_error}
+        return {**doc, "uint8_max": self.uint8_max} if self.uint8_max is not None else doc
+
+
+@dataclass(frozen=True)
+class OriginsParams:
+    """How origins were chosen: ``rule`` "neighbor-count" (its settings) or "file" (``path``, ``sha256``)."""
+    rule: str
+    seed: int = 0
+    min_neighbors: int | None = None
+    neighbor_radius_A: float | None = None
+    min_spacing_A: float | None = None
+    max_per_structure: int | None = None
+    path: str | None = None
+    sha256: str | None = None
+
+    _ORDER = ("rule", "min_neighbors", "neighbor_radius_A", "min_spacing_A", "max_per_structure", "path",
+              "sha256", "seed")
+
+    def to_json(self) -> dict:
+        doc = {k: getattr(self, k) for k in self._ORDER}
+        return {k: v for k, v in doc.items() if v is not None or (k in ("path", "sha256") and self.rule == "file")}
+
+
+@dataclass(frozen=True)
+class Compression:
+    codec: str
+    level: int
+
+    def to_json(self) -> dict:
+        return {"codec": self.codec, "level": self.level}
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """Everything that decides a cache's bytes: equal params and inputs resume a build."""
+    channels: tuple[tuple[str, ...], ...]
+    image: ImageParams
+    voxelizer: VoxelizerParams
+    storage: StorageParams
+    origins: OriginsParams
+    rotations: int
+    centers: str | None               # "lattice" (snapped, cut from tiles), "exact", or None: built
+                                      # before the lattice, each origin voxelized on its own (exact)
+    origins_per_shard: int            # as asked: 0 = automatic
+    inputs_sha256: str
+    n_inputs: int
+    keep_duplicates: bool = False
+    compression: Compression | None = None
+    extra: dict = field(default_factory=dict, compare=True)
+
+    @property
+    def scale(self) -> float:
+        """Multiply stored values by this to get float32 voxel values (1.0 unless uint8)."""
+        return float(self.storage.scale)
+
+    @property
+    def snapped(self) -> bool:
+        """Origins snapped to the image lattice (and cut from tiles), not voxelized one by one."""
+        return self.centers == "lattice"
+
+    @property
+    def channel_names(self) -> list[str]:
+        return ["|".join(c) for c in self.channels]
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "CacheParams":
+        known, extra = _known(cls, doc)
+        compression = known.get("compression")
+        return cls(
+            channels=tuple(tuple(c) for c in known["channels"]),
+            image=ImageParams(**known["image"]),
+            voxelizer=VoxelizerParams(**known["voxelizer"]),
+            storage=StorageParams(**known["storage"]),
+            origins=OriginsParams(**known["origins"]),
+            rotations=int(known["rotations"]),
+            centers=known.get("centers"),
+            origins_per_shard=int(known["origins_per_shard"]),
+            inputs_sha256=known["inputs_sha256"], n_inputs=int(known["n_inputs"]),
+            keep_duplicates=bool(known.get("keep_duplicates", False)),
+            compression=Compression(**compression) if compression else None,
+            extra=extra)
+
+    def to_json(self) -> dict:
+        return {
+            "channels": [list(c) for c in self.channels],
+            "image": self.image.to_json(),
+            "voxelizer": self.voxelizer.to_json(),
+            "storage": self.storage.to_json(),
+            "origins": self.origins.to_json(),
+            "rotations": self.rotations,
+            **({"centers": self.centers} if self.centers is not None else {}),
+            "origins_per_shard": self.origins_per_shard,
+            "inputs_sha256": self.inputs_sha256,
+            "n_inputs": self.n_inputs,
+            # only when set, so caches built before these options existed keep their fingerprint
+            **({"keep_duplicates": True} if self.keep_duplicates else {}),
+            **({"compression": self.compression.to_json()} if self.compression else {}),
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class InputNote:
+    """An input the build reports: failed (``reason``), empty images (``reason``) or a duplicate (``same_as``)."""
+    path: str
+    id: str | None = None
+    reason: str | None = None
+    same_as: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "id"}
+
+
+@dataclass(frozen=True)
+class SubsetRecord:
+    where: str
+    structures: int
+    origins: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CacheAttrs:
+    """The whole attribute record of a cache (see the module docstring)."""
+    params: CacheParams
+    complete: bool = False
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    pipeline_version: str | None = None
+    build: dict = field(default_factory=dict)          # timings and counts of the last run (informative)
+    failures: tuple[InputNote, ...] = ()
+    duplicates: tuple[InputNote, ...] = ()
+    empty: tuple[InputNote, ...] = ()
+    metadata_crc32: dict = field(default_factory=dict)  # array name -> crc32 of its data file
+    splits: tuple[str, ...] = ()                        # names of the codes in structures/split
+    split_params: dict | None = None
+    subsets: dict = field(default_factory=dict)         # name -> SubsetRecord
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.params.scale
+
+    @property
+    def saturated_voxels(self) -> int:
+        return int(self.build.get("saturated_voxels", 0) or 0)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "CacheAttrs":
+        known, extra = _known(cls, doc)
+        notes = lambda key: tuple(InputNote(**n) for n in known.get(key) or ())  # noqa: E731
+        return cls(
+            params=CacheParams.from_json(known["params"]),
+            complete=bool(known.get("complete", False)),
+            format=known.get("format", FORMAT_NAME), format_version=known.get("format_version", FORMAT_VERSION),
+            pipeline_version=known.get("pipeline_version"),
+            build=dict(known.get("build") or {}),
+            failures=notes("failures"), duplicates=notes("duplicates"), empty=notes("empty"),
+            metadata_crc32={k: int(v) for k, v in (known.get("metadata_crc32") or {}).items()},
+            splits=tuple(known.get("splits") or ()),
+            split_params=known.get("split_params"),
+            subsets={name: SubsetRecord(**s) for name, s in (known.get("subsets") or {}).items()},
+            extra=extra)
+
+    def to_json(self) -> dict:
+        doc: dict[str, Any] = {"format": self.format, "format_version": self.format_version,
+                               "complete": self.complete, "params": self.params.to_json()}
+        if self.pipeline_version is not None:
+            doc["pipeline_version"] = self.pipeline_version
+        doc["build"] = self.build
+        if self.complete or self.failures or self.duplicates or self.empty:
+            doc.update(failures=[n.to_json() for n in self.failures],
+                       duplicates=[n.to_json() for n in self.duplicates],
+                       empty=[n.to_json() for n in self.empty])
+        if self.metadata_crc32:
+            doc["metadata_crc32"] = dict(self.metadata_crc32)
+        if self.splits:
+            doc["splits"] = list(self.splits)
+        if self.split_params is not None:
+            doc["split_params"] = self.split_params
+        if self.subsets:
+            doc["subsets"] = {name: s.to_json() for name, s in self.subsets.items()}
+        return {**doc, **self.extra}
+
+    def replace(self, **changes: Any) -> "CacheAttrs":
+        return dataclasses.replace(self, **changes)
+
+
+def read_attrs(root: str | os.PathLike) -> CacheAttrs:
+    """The cache attributes, after checking that ``root`` is a cache this code can read."""
+    root = Path(root)
+    if not root.exists():
+        raise CacheError(f"{root}: no such cache (path does not exist)")
+    if not root.is_dir():
+        raise CacheError(f"{root}: not a cache (expected a zarr v3 directory store)")
+    meta = read_json(root / "zarr.json", "zarr group metadata")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        raise CacheError(f"{root}: not a zarr v3 group")
+    doc = (meta.get("attributes") or {}).get(ATTRS_KEY)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CacheError(f"{root}: zarr group is not a voxel cache (no '{ATTRS_KEY}' attributes)")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(
+            f"{root}: format version {version} is not supported (this code reads version {FORMAT_VERSION})")
+    try:
+        return CacheAttrs.from_json(doc)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{root}: damaged cache attributes in zarr.json ({type(exc).__name__}: {exc})") from None
+
+
+def require_complete(root: str | os.PathLike, attrs: CacheAttrs) -> None:
+    if not attrs.complete:
+        raise CacheError(f"{root}: build incomplete (still building or interrupted; rerun the same "
+                         "`pipeline build-cache` command to finish it)")
+
+
+def write_attrs(root: str | os.PathLike, attrs: CacheAttrs) -> None:
+    """Atomically write ``attrs`` as the group's cache attributes (other group attributes kept)."""
+    path = Path(root, "zarr.json")
+    meta = read_json(path, "zarr group metadata") if path.exists() else \
+        {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    meta.setdefault("attributes", {})[ATTRS_KEY] = attrs.to_json()
+    write_json_atomic(path, meta)
+
+
+def update_attrs(root: str | os.PathLike, change: Callable[[CacheAttrs], CacheAttrs] | None = None,
+                 **changes: Any) -> CacheAttrs:
+    """Read, change (``change(attrs)`` and/or fields ``changes``) and atomically rewrite the attributes."""
+    attrs = read_attrs(root)
+    if change is not None:
+        attrs = change(attrs)
+    if changes:
+        attrs = attrs.replace(**changes)
+    write_attrs(root, attrs)
+    return attrs

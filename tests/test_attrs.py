@@ -1,0 +1,77 @@
+"""The typed cache attributes: parsed once, written back exactly, old caches still open."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cache_tools import VoxelCacheDataset
+from cache_tools import format as fmt
+from cache_tools.commands.cli import main as cache_tools
+from cache_tools.commands.split import assign_splits
+from cache_tools.commands.subset import create_subset
+
+
+def raw_attrs(root: Path) -> dict:
+    return json.loads((root / "zarr.json").read_text())["attributes"][fmt.ATTRS_KEY]
+
+
+def set_raw_attrs(root: Path, doc: dict) -> None:
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["attributes"][fmt.ATTRS_KEY] = doc
+    (root / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", [("float32", 1, "none"), ("uint8", 1, "zstd"), ("float32", 3, "none")])
+def test_every_cache_round_trips_exactly(cache_factory, tmp_path, kind):
+    root = shutil.copytree(cache_factory(*kind), tmp_path / "c.zarr")
+    assign_splits(root, val=0.4, seed=1)
+    create_subset(root, "hires", "resolution <= 2.0")
+    doc = raw_attrs(root)
+    attrs = fmt.read_attrs(root)
+    assert attrs.to_json() == doc
+    assert attrs.params.storage.dtype == kind[0] and attrs.params.rotations == kind[1]
+    assert (attrs.params.compression is not None) == (kind[2] == "zstd")
+    assert attrs.splits == ("train", "val", "test") and set(attrs.subsets) == {"hires"}
+    assert attrs.scale == (2.0 / 255 if kind[0] == "uint8" else 1.0)
+
+
+def test_a_cache_from_before_centers_compression_and_checksums_opens(cache_factory, tmp_path):
+    root = shutil.copytree(cache_factory(), tmp_path / "old.zarr")
+    doc = raw_attrs(root)
+    for key in ("metadata_crc32", "duplicates", "empty", "pipeline_version"):
+        doc.pop(key)
+    doc["params"].pop("centers")  # voxelized one by one, before the lattice build
+    set_raw_attrs(root, doc)
+    attrs = fmt.read_attrs(root)
+    assert attrs.params.centers is None and not attrs.params.snapped and attrs.metadata_crc32 == {}
+    assert attrs.params.to_json() == doc["params"]
+    ds = VoxelCacheDataset(root)
+    assert float(ds[0]["image"].sum()) > 0
+    assert cache_tools(["info", str(root)]) == 0 and cache_tools(["check", str(root), "--quiet"]) == 0
+
+
+def test_keys_this_version_does_not_know_survive_a_rewrite(cache_factory, tmp_path):
+    root = shutil.copytree(cache_factory(), tmp_path / "new.zarr")
+    doc = raw_attrs(root)
+    doc["from_the_future"] = {"a": 1}
+    doc["params"]["future_param"] = [1, 2]
+    set_raw_attrs(root, doc)
+    create_subset(root, "all", "atoms > 0")  # rewrites the attributes
+    after = raw_attrs(root)
+    assert after["from_the_future"] == {"a": 1} and after["params"]["future_param"] == [1, 2]
+    assert after["subsets"]["all"]["structures"] == len(fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT))
+
+
+def test_damaged_attributes_are_one_line(cache_factory, tmp_path, capsys):
+    root = shutil.copytree(cache_factory(), tmp_path / "bad.zarr")
+    doc = raw_attrs(root)
+    del doc["params"]["image"]
+    set_raw_attrs(root, doc)
+    with pytest.raises(fmt.CacheError, match=r"damaged cache attributes in zarr.json \(KeyError: 'image'\)"):
+        fmt.read_attrs(root)
+    assert cache_tools(["info", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged cache attributes" in err
