@@ -34,7 +34,7 @@ def tile_cache(src: Path, dst: Path, copies: int, per_shard: int = 1,
     meta = fmt.array_meta(src, fmt.VOXELS)
     codec = layout.codec
     if compression is None:
-        compression = (codec["name"], codec["configuration"]["level"]) if codec else ("none", 0)
+        compression = (codec.name, codec.level) if codec else ("none", 0)
     vox = fmt.voxels_array_metadata(total, layout.image_shape, layout.dtype.name, per_shard,
                                     compression=compression[0], level=compression[1])
     vox["attributes"] = meta.get("attributes", {})

@@ -24,10 +24,10 @@ import torch
 
 from cache_tools import format as fmt
 from cache_tools.read.budget import memory_budget
-from cache_tools.read.reader import ShardReader, scaled_copy
+from cache_tools.read.reader import ShardReader
 from cache_tools.read.batch import SampleBatch, batch_buffer
 from cache_tools.read.selection import Selection
-from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS, rotate_view
+from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS
 
 _MASK64 = (1 << 64) - 1
 
@@ -39,6 +39,18 @@ def _mix(*values: int) -> int:
         h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
         h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 29
+    return h
+
+
+def mix_array(*values) -> np.ndarray:
+    """:func:`_mix` over arrays (any value may be an int or an int array): the same numbers."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for v in values:
+            v = np.asarray(v).astype(np.int64).view(np.uint64) if np.ndim(v) else np.uint64(v & _MASK64)
+            h = (h ^ v) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(29))
     return h
 
 
@@ -110,7 +122,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                  rotate: bool = False, seed: int = 0, verify: bool = False, pin_memory: bool = False,
                  prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None,
                  subset: str | None = None, max_maps: int | None = None, threads: int | None = None,
-                 dequantize: bool = True):
+                 dequantize: bool = True, normalize_mean: Sequence[float] | None = None,
+                 normalize_std: Sequence[float] | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -121,7 +134,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.image_dtype = np.dtype(np.float32) if dequantize else self.layout.dtype
         self.n_rotations = attrs.params.rotations
         self.channels: list[list[str]] = [list(c) for c in attrs.params.channels]
+        self.normalize_mean, self.normalize_std = normalize_mean, normalize_std
+        self._a, self._b = _affine(self.scale if dequantize else 1.0, len(self.channels),
+                                   normalize_mean, normalize_std, dequantize)
         self.selection = Selection.of(self.root, attrs, split, subset, structures)
+        self.reader.warm(self.image_dtype)  # here, not in each DataLoader worker
         self.transform = transform
         self.rotate = rotate
         self.seed = seed
@@ -240,19 +257,26 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         cube = _mix(self.seed, epoch, index, 2) % N_CUBE_ROTATIONS if self.rotate else 0
         return stored, cube
 
+    def _choices_of(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_choices` of many samples at once: (stored rotations, cube rotations), int64."""
+        n, epoch = len(indices), int(self._epoch)
+        stored = (mix_array(self.seed, epoch, indices, 1) % np.uint64(self.n_rotations)).astype(np.int64) \
+            if self.n_rotations > 1 else np.zeros(n, np.int64)
+        cube = (mix_array(self.seed, epoch, indices, 2) % np.uint64(N_CUBE_ROTATIONS)).astype(np.int64) \
+            if self.rotate else np.zeros(n, np.int64)
+        return stored, cube
+
     def _image_shape(self) -> tuple[int, ...]:
         return self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
 
     def _read_one(self, origin: int, rotation: int, cube: int, out: np.ndarray) -> None:
-        """One sample's image into ``out``: the one copy (or decode), dequantized and rotated on the way."""
-        scale = self.scale if self.dequantize else 1.0
-        if self.n_rotations == 1 and not cube:
-            self.reader.read_into(origin, out, scale)
+        """One sample's image into ``out``: the one copy (or decode), dequantized, normalized
+        and rotated on the way."""
+        if self.n_rotations == 1 and not cube and self._b is None:
+            self.reader.read_into(origin, out, float(self._a[0]) if self._a is not None else 1.0)
             return
-        stored = self.reader.view(origin)
-        if self.n_rotations > 1:
-            stored = stored[rotation]
-        scaled_copy(rotate_view(stored, cube) if cube else stored, out, scale)
+        self.reader.read(np.array([origin], np.int64), out[None], np.array([rotation], np.int64),
+                         np.array([cube], np.int64), self._a, self._b)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scalar = _scalar_index(index)
@@ -279,11 +303,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> "SampleBatch":
         """A whole batch in one buffer: PyTorch's batched-fetch hook.
 
-        The reader gathers the origins (their views in the shard maps copied by one C
-        loop, or one decode per origin on a few threads when compressed) straight into a
-        single [B, C, L, L, L] buffer (float32, or the stored dtype with
-        ``dequantize=False``; pinned when ``pin_memory`` and CUDA is available), then one
-        vector op dequantizes. Returns a :class:`SampleBatch`: use
+        The reader reads the origins with one compiled call per thread (copied from the
+        shard maps, or decoded when compressed), dequantized, normalized and rotated in
+        the same pass, into a single [B, C, L, L, L] buffer (float32, or the stored dtype
+        with ``dequantize=False``; pinned when ``pin_memory`` and CUDA is available). Returns a :class:`SampleBatch`: use
         ``collate_fn=batch_collate`` to take it as is; the default collate also works.
         """
         idx = np.asarray(indices)
@@ -299,11 +322,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         if self.prefetch and n:
             self.reader.prefetch(np.unique(origins))
         if self.n_rotations > 1 or self.rotate:  # each sample has its own rotation
-            choices[:] = np.array([self._choices(int(i)) for i in idx], dtype=np.int64).reshape(n, 2)
-            for k in range(n):
-                self._read_one(int(origins[k]), int(choices[k, 0]), int(choices[k, 1]), out[k])
+            choices[:, 0], choices[:, 1] = self._choices_of(idx)
+            self.reader.read(origins, out, choices[:, 0], choices[:, 1], self._a, self._b)
         else:
-            self.reader.gather(origins, out, self.scale if self.dequantize else 1.0)
+            self.reader.read(origins, out, a=self._a, b=self._b)
         if self.transform is not None:
             images = torch.stack([self.transform(img) for img in images])
         data = {"image": images,
@@ -396,6 +418,31 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 f"image={tuple(self.layout.image_shape[-4:])}, items=float32, "
                 f"stored={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")
+
+
+def _affine(scale: float, n_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+            dequantize: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-channel (a, b) with image = a * stored + b: the dequantization scale, and with
+    ``normalize_mean``/``normalize_std`` the normalization (v - mean) / std folded in
+    (a = scale / std, b = -mean / std). (None, None) when it is the identity."""
+    if (mean is None) != (std is None):
+        raise ValueError("normalize_mean and normalize_std go together: give both or neither")
+    if mean is None:
+        return (None, None) if scale == 1.0 else (np.full(n_channels, scale, np.float32), None)
+    if not dequantize:
+        raise ValueError("normalize_mean/normalize_std need float32 images: not with dequantize=False")
+    values = {}
+    for name, given in (("normalize_mean", mean), ("normalize_std", std)):
+        array = np.broadcast_to(np.asarray(given, np.float64), (n_channels,)) if np.ndim(given) == 0 \
+            else np.asarray(given, np.float64)
+        if array.shape != (n_channels,) or not np.all(np.isfinite(array)):
+            raise ValueError(f"{name}: expected {n_channels} finite numbers (one per channel), got {given!r}")
+        values[name] = array
+    if np.any(values["normalize_std"] <= 0):
+        raise ValueError(f"normalize_std: every value must be positive, got {std!r}")
+    a = (scale / values["normalize_std"]).astype(np.float32)
+    b = (-values["normalize_mean"] / values["normalize_std"]).astype(np.float32)
+    return a, b
 
 
 def _scalar_index(index: Any) -> int | None:

@@ -1,22 +1,22 @@
-"""Reading origins out of a cache's shard files, with bounded open files and maps.
+"""Reading origins out of a per-origin cache's shard files, with bounded open files.
 
-A :class:`ShardReader` is small and picklable; everything it opens lives in a
-per-process :class:`_Local`, created on first use in each process (after a fork or
-an unpickle), never in the constructor, so a DataLoader worker never inherits maps.
+A :class:`ShardReader` is small and picklable; everything it opens lives in a per-process
+:class:`_Local`, created on first use in each process (after a fork or an unpickle), never in
+the constructor, so a DataLoader worker never inherits descriptors or maps.
 
-Bounded resources whatever the shard count: shards are opened on demand and kept in
-an LRU of at most ``max_maps`` (one descriptor each: Python 3.11's mmap keeps a dup'd
-one per map). An evicted shard is never closed by hand: dropping the reference
-unmaps (or closes) it once the last view into it (or a batch's pending decode) is gone.
+Bounded resources whatever the shard count: at most ``max_maps`` shards are open at once, in
+numpy tables of *slots* (a shard's map address or descriptor, where its index starts), found
+for a whole batch with a few vectorized lookups; only a shard not open yet costs Python (its
+open). Uncompressed shards are memory-mapped (an image is a copy from the page cache, or a
+zero-copy view); compressed ones are read with ``pread`` (a shard costs a descriptor, not a map:
+7x cheaper to open and drop, which a random read at PDB scale does most times). A shard pushed
+out of its slot is closed when nothing uses it any more: not while a kernel call or a view
+still reads it.
 
-Uncompressed shards are memory-mapped: an image is a zero-copy view of the page cache.
-Compressed origins (``--compression zstd``) are read with two ``pread`` calls (the
-origin's 16-byte zarr shard index entry, then its frame) and decoded straight into
-the caller's buffer, or through one scratch buffer per thread when a cast is needed;
-the page cache is shared just the same, and a shard costs a descriptor, not a map
-(7x cheaper to open and drop, which a random read at PDB scale does most times).
-Batches decode on a few threads (pread and numcodecs' zstd release the GIL), created
-lazily per process.
+Batches go through one compiled call (:mod:`cache_tools.read.kernel`): origins located,
+copied or decoded (zstd, checksum verified, one decompression context per thread), cast,
+dequantized and rotated without Python per origin and with the GIL released, on ``threads``
+threads.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import resource
 import struct
 import threading
 import zlib
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,18 +33,17 @@ import numpy as np
 
 from cache_tools import format as fmt
 
-
 _INDEX_ENTRY = struct.Struct("<QQ")  # a zarr shard index slot: offset, length (little-endian uint64)
 
 
 def default_max_maps() -> int:
-    """Maps (and so descriptors) per process: an eighth of RLIMIT_NOFILE, between 8 and 256."""
+    """Open shards (maps or descriptors) per process: an eighth of RLIMIT_NOFILE, between 8 and 256."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 256 if soft == resource.RLIM_INFINITY else max(8, min(256, soft // 8))
 
 
 def default_threads() -> int:
-    """Decode threads for a batch: up to 4 cores, 1 inside a DataLoader worker (workers are the parallelism)."""
+    """Threads for a batch: up to 4 cores, 1 inside a DataLoader worker (workers are the parallelism)."""
     import torch.utils.data
 
     if torch.utils.data.get_worker_info() is not None:
@@ -54,8 +52,7 @@ def default_threads() -> int:
 
 
 class _Descriptor:
-    """An open shard file, closed when the last reference goes (an evicted shard may still
-    be read by a batch's decode threads, as an evicted map stays valid under its views)."""
+    """An open shard file, closed when the last reference goes."""
 
     fd = -1  # if the open fails, __del__ still runs
 
@@ -68,15 +65,12 @@ class _Descriptor:
 
 
 @dataclass
-class _Shard:
-    """One open shard. Uncompressed: its map and its origins as an array (views are the
-    images). Compressed: its descriptor and where its index starts; origins are read
-    with pread, not mapped: a map costs ~190 µs to make and drop, 7x a descriptor's, and
-    at PDB scale a random read opens a shard most times (BENCHMARKS.md)."""
-    data: np.ndarray | None             # (n, *image_shape) stored dtype, uncompressed
-    mm: mmap.mmap | None = None         # uncompressed: the map under data
-    file: _Descriptor | None = None     # compressed
-    index_start: int = 0                # compressed: bytes before the (S, 2) uint64 index
+class _Thread:
+    """A thread's scratch for the kernels: a zstd context, a frame buffer, a stored-dtype stage."""
+    dctx: object = None
+    frame: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
+    entry: np.ndarray = field(default_factory=lambda: np.empty(2, np.uint64))
+    stage: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
 
 
 @dataclass
@@ -84,16 +78,41 @@ class _Local:
     """What one process has opened: never pickled, never inherited across a fork."""
     pid: int
     max_maps: int
-    maps: OrderedDict = field(default_factory=OrderedDict)   # shard -> _Shard, least recent first
-    scratch: threading.local = field(default_factory=threading.local)
+    n_shards: int
+    slot_of_shard: np.ndarray = None   # (n_shards,) int32, -1 = not open
+    shard_of_slot: np.ndarray = None   # (max_maps,) int64, -1 = free
+    base: np.ndarray = None            # (max_maps,) uintp: the map's address (uncompressed)
+    fd: np.ndarray = None              # (max_maps,) int64: the descriptor (compressed)
+    data_end: np.ndarray = None        # (max_maps,) int64: where the shard's index starts
+    last_used: np.ndarray = None       # (max_maps,) int64
+    holders: list = None               # per slot: the mmap / _Descriptor keeping it open
+    retired: list = field(default_factory=list)  # pushed out while a call was reading: freed after it
+    calls: int = 0                     # kernel calls in flight (holders retire only when none)
+    tick: int = 0
+    threads: threading.local = field(default_factory=threading.local)
     crc: np.ndarray | None = None
     pool: ThreadPoolExecutor | None = None
-    pool_threads: int = 0  # threads of ``pool``
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the LRU, for callers' threads
+    pool_threads: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.slot_of_shard = np.full(self.n_shards, -1, np.int32)
+        self.shard_of_slot = np.full(self.max_maps, -1, np.int64)
+        self.base = np.zeros(self.max_maps, np.uintp)
+        self.fd = np.full(self.max_maps, -1, np.int64)
+        self.data_end = np.zeros(self.max_maps, np.int64)
+        self.last_used = np.zeros(self.max_maps, np.int64)
+        self.holders = [None] * self.max_maps
+
+    def thread(self) -> _Thread:
+        scratch = getattr(self.threads, "scratch", None)
+        if scratch is None:
+            scratch = self.threads.scratch = _Thread()
+        return scratch
 
 
 class ShardReader:
-    """Origin bytes of one cache: view/copy one origin, gather many into a buffer, prefetch."""
+    """Origin bytes of one cache: read one origin, read a batch into a buffer, prefetch."""
 
     def __init__(self, layout: fmt.VoxelLayout, verify: bool = False, max_maps: int | None = None,
                  threads: int | None = None):
@@ -101,212 +120,312 @@ class ShardReader:
         self.verify = verify
         self.max_maps = max_maps
         self.threads = threads
-        self._decode = _decoder(layout.codec)
         self._state: _Local | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_state": None, "_decode": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._decode = _decoder(self.layout.codec)
+        return {**self.__dict__, "_state": None}
 
     def _local(self) -> _Local:
         state = self._state
         if state is None or state.pid != os.getpid():
-            state = self._state = _Local(os.getpid(), self.max_maps or default_max_maps())
+            state = self._state = _Local(os.getpid(), self.max_maps or default_max_maps(), self.layout.n_shards)
             if self.verify:
                 state.crc = fmt.read_array(self.layout.root, fmt.CRC32)
         return state
 
+    def warm(self, out_dtype: np.dtype) -> None:
+        """Compile or load the kernels this reader will run, in this process (see kernel.warm_origins)."""
+        from cache_tools.read import kernel
+
+        kernel.warm_origins(self.layout.dtype, out_dtype, self.layout.codec is not None)
+
     def open_maps(self) -> int:
         """Shards this process holds open now, mapped or (compressed) by a descriptor (at most ``max_maps``)."""
-        return len(self._local().maps)
+        return int((self._local().shard_of_slot >= 0).sum())
 
-    # --- maps ----------------------------------------------------------------------------
+    # --- slots -------------------------------------------------------------------------------
 
-    def _shard(self, local: _Local, shard: int, origin: int) -> _Shard:
-        with local.lock:
-            return self._shard_locked(local, shard, origin)
+    def _slots(self, local: _Local, shards: np.ndarray, first_origin: np.ndarray) -> np.ndarray:
+        """Slots of ``shards`` (unique, at most max_maps), opening those not open; ``local.lock`` held.
+        ``first_origin``: an origin of each shard, to name it in errors."""
+        slots = local.slot_of_shard[shards]
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            keep = np.zeros(local.max_maps, bool)
+            keep[slots[slots >= 0]] = True
+            free = np.flatnonzero(local.shard_of_slot < 0)
+            evictable = np.flatnonzero((local.shard_of_slot >= 0) & ~keep)
+            victims = np.concatenate([free, evictable[np.argsort(local.last_used[evictable], kind="stable")]])
+            for k, i in enumerate(missing.tolist()):
+                slot = int(victims[k])
+                self._install(local, slot, int(shards[i]), int(first_origin[i]))
+                slots[i] = slot
+        local.tick += 1
+        local.last_used[slots] = local.tick
+        return slots
 
-    def _shard_locked(self, local: _Local, shard: int, origin: int) -> _Shard:
-        """The shard's map from the LRU (``local.lock`` held by the caller)."""
-        entry = local.maps.get(shard)
-        if entry is not None:
-            local.maps.move_to_end(shard)
-            return entry
-        while len(local.maps) >= local.max_maps:
-            local.maps.popitem(last=False)  # unmapped when its last view dies, never under one
-        entry = local.maps[shard] = self._map(shard, origin)
-        return entry
-
-    def _map(self, shard: int, origin: int) -> _Shard:
-        layout = self.layout
-        path = layout.shard_file(shard)
-        where = self._where(origin)
+    def _install(self, local: _Local, slot: int, shard: int, origin: int) -> None:
+        """Open ``shard`` into ``slot`` (closing what the slot held once nothing reads it)."""
+        old = int(local.shard_of_slot[slot])
+        if old >= 0:
+            local.slot_of_shard[old] = -1
+            if local.calls:
+                local.retired.append(local.holders[slot])
+        layout, path = self.layout, self.layout.shard_file(shard)
         try:
             if layout.codec is not None:
-                file = _Descriptor(path)
-                size = os.fstat(file.fd).st_size
+                holder = _Descriptor(path)
+                size = os.fstat(holder.fd).st_size
             else:
                 with open(path, "rb") as fh:  # the map keeps its own descriptor; this one closes
                     size = os.fstat(fh.fileno()).st_size
-                    mm = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if size else None
+                    holder = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if size else None
         except FileNotFoundError:
-            raise fmt.CacheError(f"{where} is missing") from None
-        if layout.codec is not None:
-            index_start = size - layout.index_nbytes
-            if index_start < 0:
-                raise fmt.CacheError(f"{where}: {size} bytes, too short for its {layout.index_nbytes}-byte "
-                                     "shard index (damaged cache; run cache-tools check)")
-            # Entries are checked as they are read (_decode_into), not all here: at PDB scale
-            # a random read opens a shard most times, and checking 7k entries cost 3x the read.
-            return _Shard(None, file=file, index_start=index_start)
-        if size != layout.shard_nbytes(shard):
-            raise fmt.CacheError(f"{where} is truncated or damaged ({size} bytes, expected "
+            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            raise fmt.CacheError(f"{self._where(origin)} is missing") from None
+        data_end = size - layout.index_nbytes
+        if layout.codec is not None and data_end < 0:
+            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            raise fmt.CacheError(f"{self._where(origin)}: {size} bytes, too short for its {layout.index_nbytes}-byte "
+                                 "shard index (damaged cache; run cache-tools check)")
+        if layout.codec is None and size != layout.shard_nbytes(shard):
+            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            raise fmt.CacheError(f"{self._where(origin)} is truncated or damaged ({size} bytes, expected "
                                  f"{layout.shard_nbytes(shard)})")
-        n = layout.origins_in_shard(shard)
-        count = n * layout.origin_nbytes // layout.dtype.itemsize
-        return _Shard(np.frombuffer(mm, dtype=layout.dtype, count=count).reshape(n, *layout.image_shape), mm)
+        local.holders[slot] = holder
+        local.shard_of_slot[slot], local.slot_of_shard[shard] = shard, slot
+        local.data_end[slot] = data_end
+        if layout.codec is not None:
+            local.fd[slot], local.base[slot] = holder.fd, 0
+        else:
+            local.fd[slot] = -1
+            local.base[slot] = np.frombuffer(holder, np.uint8).ctypes.data if holder is not None else 0
 
     def _where(self, origin: int) -> str:
         """How errors name an origin: the cache, the origin, its shard file."""
         return (f"{self.layout.root}: origin {origin}: shard file "
                 f"{self.layout.shard_file(origin // self.layout.origins_per_shard)}")
 
-    # --- one origin ------------------------------------------------------------------------
+    # --- one origin --------------------------------------------------------------------------
+
+    def _holder(self, local: _Local, origin: int):
+        """(holder, where its index starts) of the origin's shard, opened if need be: the
+        per-item path (an array lookup when the shard is open)."""
+        shard = origin // self.layout.origins_per_shard
+        slot = int(local.slot_of_shard[shard])
+        if slot >= 0:
+            holder, end = local.holders[slot], int(local.data_end[slot])
+            if local.shard_of_slot[slot] == shard:  # not replaced by another thread meanwhile
+                local.tick += 1
+                local.last_used[slot] = local.tick
+                return holder, end
+        with local.lock:
+            slot = int(self._slots(local, np.array([shard]), np.array([origin]))[0])
+            return local.holders[slot], int(local.data_end[slot])
+
+    def _decode_one(self, local: _Local, origin: int, out: np.ndarray) -> None:
+        """A compressed origin decoded into ``out`` (C-contiguous, its stored bytes' size):
+        two preads and one call of libzstd with this thread's reused context."""
+        layout = self.layout
+        holder, data_end = self._holder(local, origin)
+        j = origin % layout.origins_per_shard
+        raw = os.pread(holder.fd, fmt.INDEX_ENTRY_NBYTES, data_end + fmt.INDEX_ENTRY_NBYTES * j)
+        if len(raw) != fmt.INDEX_ENTRY_NBYTES:
+            self._raise(origin, _kernel().SHORT_READ, 0)
+        offset, length = _INDEX_ENTRY.unpack(raw)
+        if offset == fmt.EMPTY_INDEX_ENTRY:
+            self._raise(origin, _kernel().ABSENT, 0)
+        if offset > data_end or length > data_end or offset + length > data_end:
+            self._raise(origin, _kernel().PAST_DATA, offset)
+        frame = os.pread(holder.fd, length, offset)
+        scratch = local.thread()
+        if scratch.dctx is None:
+            from cache_tools.read.native import DecompressionContext
+
+            scratch.dctx = DecompressionContext()
+        result = _decompress()(scratch.dctx.address, out.ctypes.data, layout.origin_nbytes, frame, len(frame))
+        if _is_error()(result):
+            self._raise(origin, _kernel().UNDECODABLE, result)
+        if result != layout.origin_nbytes:
+            self._raise(origin, _kernel().WRONG_SIZE, result)
 
     def view(self, origin: int) -> np.ndarray:
         """The stored image of ``origin`` (stored dtype, image shape), valid until this thread's next read.
 
-        Uncompressed: a zero-copy view of the map. Compressed: decoded into this
-        thread's scratch buffer, which the next read on the same thread overwrites.
+        Uncompressed: a zero-copy view of the map (it keeps the map alive). Compressed:
+        decoded into this thread's scratch, which the next read on the same thread overwrites.
         """
-        local = self._local()
-        shard, j = divmod(origin, self.layout.origins_per_shard)
-        entry = self._shard(local, shard, origin)
-        if entry.file is None:
-            stored = entry.data[j]
+        layout, local = self.layout, self._local()
+        if layout.codec is None:
+            holder, _ = self._holder(local, origin)
+            j = origin % layout.origins_per_shard
+            stored = np.frombuffer(holder, layout.dtype, count=layout.origin_nbytes // layout.dtype.itemsize,
+                                   offset=j * layout.origin_nbytes).reshape(layout.image_shape)
         else:
-            stored = self._scratch(local)
-            self._decode_into(entry, j, origin, stored)
+            stored = self._stage(local.thread(), 1)[0].view(layout.dtype).reshape(layout.image_shape)
+            self._decode_one(local, origin, stored)
         if self.verify:
             self._check_crc(local, origin, stored)
         return stored
-
-    def read_into(self, origin: int, out: np.ndarray, scale: float = 1.0) -> None:
-        """``out = image of origin * scale`` (cast to out's dtype); compressed bytes of out's
-        dtype decode straight into it."""
-        local = self._local()
-        if self.verify:
-            scaled_copy(self.view(origin), out, scale)
-            return
-        shard, j = divmod(origin, self.layout.origins_per_shard)
-        entry = self._shard(local, shard, origin)
-        if entry.file is None:
-            scaled_copy(entry.data[j], out, scale)
-        elif out.dtype == self.layout.dtype and out.flags.c_contiguous and scale == 1.0:
-            self._decode_into(entry, j, origin, out)
-        else:
-            scratch = self._scratch(local)
-            self._decode_into(entry, j, origin, scratch)
-            scaled_copy(scratch, out, scale)
 
     def stored_bytes(self, origin: int) -> bytes:
         """The origin's bytes as the build encoded them before compression (what its crc32 covers)."""
         return self.view(origin).tobytes()
 
-    def _scratch(self, local: _Local) -> np.ndarray:
-        buf = getattr(local.scratch, "image", None)
-        if buf is None:
-            buf = local.scratch.image = np.empty(self.layout.image_shape, self.layout.dtype)
-        return buf
-
-    def _decode_into(self, entry: _Shard, j: int, origin: int, out: np.ndarray) -> None:
-        fd = entry.file.fd
-        raw = os.pread(fd, fmt.INDEX_ENTRY_NBYTES, entry.index_start + fmt.INDEX_ENTRY_NBYTES * j)
-        if len(raw) != fmt.INDEX_ENTRY_NBYTES:  # the file shrank after it was opened
-            raise fmt.CacheError(f"{self._where(origin)} is truncated (damaged cache; run cache-tools check)")
-        offset, nbytes = _INDEX_ENTRY.unpack(raw)
-        if offset == fmt.EMPTY_INDEX_ENTRY:  # absent inner chunk: zarr's fill value
-            out[...] = 0
-            return
-        problem = fmt.entry_problem(offset, nbytes, entry.index_start)
-        if problem:
-            raise fmt.CacheError(f"{self._where(origin)}: its index entry {problem} (run cache-tools check)")
-        try:
-            self._decode(os.pread(fd, nbytes, offset), out)
-        except (RuntimeError, ValueError) as exc:
-            raise fmt.CacheError(
-                f"{self.layout.root}: origin {origin}: compressed bytes in "
-                f"{self.layout.shard_file(origin // self.layout.origins_per_shard)} do not decode "
-                f"({exc}; damaged cache, run cache-tools check)") from None
-
     def _check_crc(self, local: _Local, origin: int, stored: np.ndarray) -> None:
         if zlib.crc32(stored) != int(local.crc[origin]):
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: checksum mismatch in "
-                                 f"{self.layout.shard_path(origin // self.layout.origins_per_shard)} "
+                                 f"{self.layout.shard_file(origin // self.layout.origins_per_shard)} "
                                  "(damaged cache; run cache-tools check)")
 
     # --- many origins ------------------------------------------------------------------------
 
-    def gather(self, origins: np.ndarray, out: np.ndarray, scale: float = 1.0) -> None:
-        """``out[k] = image of origins[k] * scale`` (cast to out's dtype), one pass per origin.
+    def _stage(self, scratch: _Thread, n: int) -> np.ndarray:
+        """This thread's stage of ``n`` stored images, as (n, origin bytes) uint8."""
+        need = n * self.layout.origin_nbytes
+        if scratch.stage.size < need:
+            scratch.stage = np.empty(need, np.uint8)
+        return scratch.stage[:need].reshape(n, -1)
 
-        Uncompressed: the origins' views in their shards' maps, concatenated into ``out``
-        by one C loop (a random batch touches a shard per origin, so grouping by shard only
-        adds Python work), then one scaling pass. Compressed: each origin decodes into
-        its row (of ``out``, or of a stored-dtype batch cast into ``out`` by the same
-        thread) on ``threads`` threads. At most ``max_maps`` shards are held at once, so
-        descriptors stay bounded.
+    def read_stored(self, origins: np.ndarray, dst: np.ndarray) -> None:
+        """``dst[k]`` (uint8 rows of an origin's bytes) = stored bytes of ``origins[k]``, one compiled
+        call per run of at most ``max_maps`` shards. Raises CacheError naming the first bad origin."""
+        from cache_tools.read import kernel
+
+        layout, local = self.layout, self._local()
+        scratch = local.thread()
+        if layout.codec is not None:
+            if scratch.dctx is None:
+                from cache_tools.read.native import DecompressionContext
+
+                scratch.dctx = DecompressionContext()
+            if scratch.frame.size == 0:  # a frame is at most ZSTD_compressBound(an image)
+                scratch.frame = np.empty(layout.origin_nbytes + (layout.origin_nbytes >> 7) + 1024, np.uint8)
+        shards, rows = np.divmod(origins, layout.origins_per_shard)
+        for part in _runs_of_shards(shards, local.max_maps):
+            unique, inverse = np.unique(shards[part], return_inverse=True)
+            with local.lock:
+                slots = self._slots(local, unique, origins[part][np.unique(inverse, return_index=True)[1]])
+                base, fd, end = local.base[slots], local.fd[slots], local.data_end[slots]
+                local.calls += 1
+            status = np.empty(len(inverse), np.int64)
+            detail = np.zeros(len(inverse), np.uint64)
+            try:
+                failed = kernel.read_origins(inverse.astype(np.int64), rows[part], base, fd, end, layout.origin_nbytes,
+                                             layout.codec is not None,
+                                             scratch.dctx.address if scratch.dctx is not None else 0,
+                                             scratch.frame, scratch.entry, dst[part], status, detail)
+            finally:
+                with local.lock:
+                    local.calls -= 1
+                    if not local.calls:
+                        local.retired.clear()
+            if failed:
+                k = int(np.flatnonzero(status)[0])
+                self._raise(int(origins[part][k]), int(status[k]), int(detail[k]))
+
+    def _raise(self, origin: int, status: int, detail: int):
+        """The CacheError for a kernel status of ``origin`` (one line: cache, origin, file, why)."""
+        from cache_tools.read import kernel
+        from cache_tools.read.native import zstd_error
+
+        file = self.layout.shard_file(origin // self.layout.origins_per_shard)
+        if status == kernel.UNDECODABLE:
+            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {file} do not decode "
+                                 f"({zstd_error(detail)}; damaged cache, run cache-tools check)")
+        if status == kernel.WRONG_SIZE:
+            raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {file} decode to "
+                                 f"{detail} bytes, not the {self.layout.origin_nbytes} of an image "
+                                 "(damaged cache; run cache-tools check)")
+        raise fmt.CacheError(f"{self._where(origin)}: {kernel.STATUS[status]} (damaged cache; run cache-tools check)")
+
+    def read(self, origins: np.ndarray, out: np.ndarray, which: np.ndarray | None = None,
+             cube: np.ndarray | None = None, a: np.ndarray | None = None, b: np.ndarray | None = None) -> None:
+        """``out[k] = a[c] * rotate(image of origins[k], stored rotation which[k], cube rotation
+        cube[k]) + b[c]``, cast to out's dtype; None: no rotation, a = 1, b = 0.
+
+        One pass: bytes land in ``out`` directly when nothing else is to be done (same dtype,
+        no rotation, no scaling), else in a per-thread stage that one compiled pass casts,
+        scales and rotates into ``out``. Split over ``threads`` threads (kernels release the GIL).
         """
+        n = len(origins)
+        if n == 0:
+            return
+        plain = (which is None or not which.any()) and (cube is None or not cube.any()) and \
+            a is None and b is None and out.dtype == self.layout.dtype and len(self.layout.image_shape) == 4
         if self.verify:
-            for k, origin in enumerate(origins.tolist()):
-                self.read_into(origin, out[k], scale)
+            self._read_verified(origins, out, which, cube, a, b)
+            return
+
+        def run(lo: int, hi: int) -> None:
+            if plain:
+                self.read_stored(origins[lo:hi], out[lo:hi].reshape(hi - lo, -1).view(np.uint8))
+                return
+            local = self._local()
+            stage = self._stage(local.thread(), hi - lo)
+            self.read_stored(origins[lo:hi], stage)
+            self._finish(stage, out[lo:hi], None if which is None else which[lo:hi],
+                         None if cube is None else cube[lo:hi], a, b)
+
+        threads = min(self.threads or default_threads(), max(1, n // 8))
+        if threads <= 1:
+            run(0, n)
             return
         local = self._local()
-        shards, rows = np.divmod(origins, self.layout.origins_per_shard)
-        # Compressed: decode each origin into a batch of the stored dtype (``out`` itself when
-        # no cast is needed); each decode thread then casts and scales its own rows (per-origin
-        # casts hold the GIL and kept a second thread idle).
-        direct = out.dtype == self.layout.dtype and scale == 1.0
-        stage = out if direct or self.layout.codec is None else np.empty(
-            (len(origins), *self.layout.image_shape), self.layout.dtype)
-        for a in range(0, len(origins), local.max_maps):  # a chunk holds at most max_maps shards open
-            b = min(a + local.max_maps, len(origins))
-            with local.lock:
-                entries = [self._shard_locked(local, shard, origin)
-                           for shard, origin in zip(shards[a:b].tolist(), origins[a:b].tolist())]
-            if self.layout.codec is None:  # (1, *image) views: concatenate needs no per-view reshaping
-                np.concatenate([e.data[row:row + 1] for e, row in zip(entries, rows[a:b].tolist())],
-                               out=out[a:b], casting="safe")
-            else:
-                self._decode_jobs(local, list(zip(entries, rows[a:b].tolist(), origins[a:b].tolist(), range(a, b))),
-                                  stage, out, scale)
-        if self.layout.codec is None and scale != 1.0:
-            out *= out.dtype.type(scale)
-
-    def _decode_jobs(self, local: _Local, jobs: list, stage: np.ndarray, out: np.ndarray, scale: float) -> None:
-        """Decode consecutive-target jobs into ``stage`` on threads; each thread then casts its rows into ``out``."""
-        def run(part: list) -> None:
-            for entry, row, origin, target in part:
-                self._decode_into(entry, row, origin, stage[target])
-            if stage is not out and part:
-                rows = slice(part[0][3], part[-1][3] + 1)
-                scaled_copy(stage[rows], out[rows], scale)
-
-        threads = min(self.threads or default_threads(), len(jobs))
-        if threads <= 1:
-            run(jobs)
-            return
         if local.pool is None or local.pool_threads < threads:
-            local.pool = ThreadPoolExecutor(threads, thread_name_prefix="voxel-decode")
+            local.pool = ThreadPoolExecutor(threads, thread_name_prefix="voxel-read")
             local.pool_threads = threads
-        step = -(-len(jobs) // threads)
-        futures = [local.pool.submit(run, jobs[i:i + step]) for i in range(step, len(jobs), step)]
-        run(jobs[:step])
+        step = -(-n // threads)
+        futures = [local.pool.submit(run, lo, min(lo + step, n)) for lo in range(step, n, step)]
+        run(0, min(step, n))
         for f in futures:
             f.result()
+
+    def _finish(self, stage: np.ndarray, out: np.ndarray, which, cube, a, b) -> None:
+        """Stored bytes ``stage`` (n, origin bytes) -> ``out``: cast, a * v + b, rotations."""
+        from cache_tools.read import kernel
+        from cache_tools.read.rotations import FLIPS, PERMS, rotate_view
+
+        layout, n = self.layout, len(out)
+        shape = layout.image_shape if len(layout.image_shape) == 5 else (1, *layout.image_shape)
+        images = stage.view(layout.dtype).reshape(n, *shape)
+        n_channels = out.shape[1]
+        which = np.zeros(n, np.int64) if which is None else np.asarray(which, np.int64)
+        cube = np.zeros(n, np.int64) if cube is None else np.asarray(cube, np.int64)
+        a = np.ones(n_channels, np.float32) if a is None else np.asarray(a, np.float32)
+        b = np.zeros(n_channels, np.float32) if b is None else np.asarray(b, np.float32)
+        if layout.dtype == np.float16 or out.dtype == np.float16:  # numba has no float16 on the CPU
+            for k in range(n):
+                image = rotate_view(images[k, which[k]], int(cube[k])).astype(np.float32)
+                np.copyto(out[k], image * a[:, None, None, None] + b[:, None, None, None], casting="unsafe")
+            return
+        kernel.finish_cf(images, which, cube, PERMS, FLIPS, a, b, out)
+
+    def _read_verified(self, origins, out, which, cube, a, b) -> None:
+        """verify=True: each origin's stored bytes checked against its crc32 before use."""
+        local = self._local()
+        for k, origin in enumerate(origins.tolist()):
+            stored = self.view(origin)
+            self._check_crc(local, origin, stored)
+            stage = np.ascontiguousarray(stored).reshape(1, -1).view(np.uint8)
+            self._finish(stage, out[k:k + 1], None if which is None else which[k:k + 1],
+                         None if cube is None else cube[k:k + 1], a, b)
+
+    def read_into(self, origin: int, out: np.ndarray, scale: float = 1.0) -> None:
+        """``out = image of origin * scale`` (cast to out's dtype): the per-item path, no compiled
+        call (a call's set-up costs more than Python here); compressed bytes of out's dtype
+        decode straight into it."""
+        layout = self.layout
+        if layout.codec is not None and not self.verify and out.dtype == layout.dtype and scale == 1.0 \
+                and out.flags.c_contiguous:
+            self._decode_one(self._local(), origin, out)
+            return
+        scaled_copy(self.view(origin), out, scale)
+
+    def gather(self, origins: np.ndarray, out: np.ndarray, scale: float = 1.0) -> None:
+        """``out[k] = image of origins[k] * scale`` (cast to out's dtype)."""
+        a = None if scale == 1.0 else np.full(out.shape[1], scale, np.float32)
+        self.read(np.asarray(origins, np.int64), out, a=a)
 
     def prefetch(self, sorted_origins: np.ndarray) -> None:
         """Ask the kernel to read these origins' bytes now, in parallel (MADV_WILLNEED, or
@@ -318,51 +437,78 @@ class ShardReader:
         --memory-cap). On a warm cache the kernel still walks every page of the range,
         hence only for caches that do not fit.
         """
-        local = self._local()
-        per_shard, nbytes = self.layout.origins_per_shard, self.layout.origin_nbytes
+        layout, local = self.layout, self._local()
+        per_shard, nbytes = layout.origins_per_shard, layout.origin_nbytes
         breaks = np.flatnonzero(np.diff(sorted_origins) != 1) + 1
         for run in np.split(sorted_origins, breaks):
             first, last = int(run[0]), int(run[-1])
             for shard in range(first // per_shard, last // per_shard + 1):
                 lo = max(first, shard * per_shard) - shard * per_shard
                 hi = min(last, shard * per_shard + per_shard - 1) - shard * per_shard + 1
-                entry = self._shard(local, shard, shard * per_shard + lo)
-                if entry.file is None:
+                with local.lock:
+                    slot = int(self._slots(local, np.array([shard]), np.array([shard * per_shard + lo]))[0])
+                    holder = local.holders[slot]
+                    data_end = int(local.data_end[slot])
+                if layout.codec is None:
                     start, stop = lo * nbytes, hi * nbytes
                 else:
                     step = fmt.INDEX_ENTRY_NBYTES
-                    index = np.frombuffer(os.pread(entry.file.fd, step * (hi - lo), entry.index_start + step * lo),
+                    index = np.frombuffer(os.pread(holder.fd, step * (hi - lo), data_end + step * lo),
                                           "<u8").reshape(-1, 2)
                     present = index[index[:, 0] != fmt.EMPTY_INDEX_ENTRY]
                     if not len(present):
                         continue
-                    start, stop = int(present[:, 0].min()), min(int((present[:, 0] + present[:, 1]).max()),
-                                                                 entry.index_start)
+                    start, stop = int(present[:, 0].min()), min(int((present[:, 0] + present[:, 1]).max()), data_end)
                 start -= start % mmap.PAGESIZE
                 if stop <= start:
                     continue
-                if entry.file is None:
-                    entry.mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
+                if layout.codec is None:
+                    holder.madvise(mmap.MADV_WILLNEED, start, stop - start)
                 else:
-                    os.posix_fadvise(entry.file.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(holder.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
 
 
-def _decoder(codec: fmt.Codec | None):
-    """(stored bytes, out array) -> None: decode one origin into ``out``, or None when uncompressed.
+def _kernel():
+    from cache_tools.read import kernel
 
-    numcodecs' zstd decompresses into ``out`` directly (no intermediate copy) and
-    raises RuntimeError on damaged input, ValueError on a size mismatch.
-    """
-    if codec is None:
-        return None
-    from numcodecs.zstd import decompress
+    return kernel
 
-    return decompress
+
+_FUNCTIONS: dict = {}
+
+
+def _decompress():
+    """libzstd's ZSTD_decompressDCtx through ctypes (the per-item path; batches use the kernel)."""
+    fn = _FUNCTIONS.get("decompress")
+    if fn is None:
+        from cache_tools.read.native import register
+
+        fn = _FUNCTIONS["decompress"] = register()["ZSTD_decompressDCtx"]
+        _FUNCTIONS["is_error"] = register()["ZSTD_isError"]
+    return fn
+
+
+def _is_error():
+    _decompress()
+    return _FUNCTIONS["is_error"]
+
+
+def _runs_of_shards(shards: np.ndarray, limit: int) -> list[slice]:
+    """Consecutive parts of a batch that touch at most ``limit`` distinct shards each."""
+    if len(np.unique(shards)) <= limit:
+        return [slice(0, len(shards))]
+    parts, start, seen = [], 0, set()
+    for k, shard in enumerate(shards.tolist()):
+        if shard not in seen and len(seen) == limit:
+            parts.append(slice(start, k))
+            start, seen = k, set()
+        seen.add(shard)
+    parts.append(slice(start, len(shards)))
+    return parts
 
 
 def scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:
-    """``out = src * scale`` in out's dtype (a cast copy, then an in-place multiply: 1.3x
-    faster than one mixed-type multiply, whose casts are buffered)."""
+    """``out = src * scale`` in out's dtype (a cast copy, then an in-place multiply)."""
     np.copyto(out, src, casting="safe")
     if scale != 1.0:
         out *= out.dtype.type(scale)

@@ -27,6 +27,10 @@ def _build() -> tuple[list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]]
 
 CUBE_ROTATIONS, CUBE_ROTATION_MATRICES = _build()
 N_CUBE_ROTATIONS = len(CUBE_ROTATIONS)  # 24
+# the same table as arrays, for the compiled kernels: output axis d reads input axis PERMS[k, d],
+# reversed when FLIPS[k, d]
+PERMS = np.array([perm for perm, _ in CUBE_ROTATIONS], np.int64)
+FLIPS = np.array([flips for _, flips in CUBE_ROTATIONS], np.bool_)
 assert N_CUBE_ROTATIONS == 24 and CUBE_ROTATIONS[0] == ((0, 1, 2), (False, False, False))
 
 
