@@ -36,10 +36,11 @@ from pipeline.inputs import expand_inputs, structure_ids
 from pipeline.lock import BuildLock, LockedError
 from pipeline.origins import OriginRule, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES
-from pipeline.tasks import scan_task, shard_pieces, write_task
+from pipeline.tasks import lattice_write_task, scan_task, shard_pieces, write_task
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
 
 TARGET_SHARD_BYTES = 256 * 2**20
+LATTICE_SHARD_BYTES = 2**30  # the lattice's shard files are mapped, not opened per read: fewer is better
 SCAN_BATCH = 4  # at most this many files per scan task: amortizes task overhead, keeps the bar lively
 # A write task's size, at most (or one shard): ~10 s of one worker's work, so workers that join
 # a --scheduler cluster after the build started still find tasks (a structure has <= 1,000
@@ -62,6 +63,8 @@ class BuildParams:
     keep_duplicates: bool = False  # inputs with the same content as an earlier one are skipped
     compression: str = "none"   # fmt.COMPRESSIONS; the CLI defaults to fmt.DEFAULT_COMPRESSION
     compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
+    layout: str = "origins"     # fmt.LAYOUTS: one image per origin, or each structure's lattice once
+    block_edge: int = fmt.DEFAULT_BLOCK_EDGE  # the lattice layout's blocks
 
     def cache_params(self, sources: list[Path]) -> fmt.CacheParams:
         """The format's record of these parameters and inputs: equal records resume a build."""
@@ -81,7 +84,8 @@ class BuildParams:
             n_inputs=len(sources),
             keep_duplicates=self.keep_duplicates,
             compression=(fmt.Compression(self.compression, self.compression_level)
-                         if self.compression != "none" else None))
+                         if self.compression != "none" else None),
+            lattice=fmt.LatticeParams(self.block_edge) if self.layout == "lattice" else None)
 
     @classmethod
     def from_cache(cls, params: fmt.CacheParams) -> "BuildParams":
@@ -95,7 +99,8 @@ class BuildParams:
             rotations=params.rotations, origins_file=rule.path, origins_per_shard=params.origins_per_shard,
             keep_duplicates=params.keep_duplicates, exact_centers=not params.snapped,
             **({"compression": params.compression.codec, "compression_level": params.compression.level}
-               if params.compression else {}))
+               if params.compression else {}),
+            **({"layout": "lattice", "block_edge": params.lattice.block_edge} if params.lattice else {}))
 
 
 @dataclass
@@ -203,8 +208,9 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         batches = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
         listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
         box_half = params.image.grid_voxels * params.image.resolution_A / 2 + params.image.atom_radius_A
+        lattice = ((params.block_edge, params.rotations, params.rule.seed) if params.layout == "lattice" else None)
         futures = [client.submit(run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
-                                 None if params.exact_centers else params.image, box_half, pure=False)
+                                 None if params.exact_centers else params.image, box_half, lattice, pure=False)
                    for b in batches]
         scanned = wait_all(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
                            unit="file", progress=progress, weight=lambda r: len(r[0]))
@@ -214,30 +220,42 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         if table.n_origins == 0:
             raise BuildError(f"no origins in any input: all {len(table.failures)} files failed; "
                              "nothing to build", failures=table.failures)
-        layout = _write_layout(root, params, table)
+        layout = _write_layout(root, params, table) if params.layout == "origins" else \
+            _write_lattice_layout(root, params, table)
 
-        # Phase 2: write shards.
+        # Phase 2: write shards (of origins' images, or of lattice blocks).
         t_write = time.time()
         pending = [s for s in range(layout.n_shards) if not write.shard_is_done(root, layout, s)]
-        pending_origins = sum(layout.origins_in_shard(s) for s in pending)
+        pending_items = sum(layout.origins_in_shard(s) for s in pending)
         workers = max(1, sum(client.nthreads().values()))  # again: a cluster's workers may still be arriving
-        target = min(-(-pending_origins // (8 * workers)), MAX_TASK_ORIGINS)
-        tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, table.ranges,
-                                 target_origins=target)
-        futures = [client.submit(run_task, write_task, str(root), shards,
-                                 shard_pieces(table.ranges, table.file_index, layout, shards),
-                                 params.image, params.storage, params.rotations, None, not params.exact_centers,
-                                 pure=False) for shards in tasks]
-        done_origins = layout.n_origins - pending_origins
-        written = wait_all(futures, total=layout.n_origins, initial=done_origins, desc="voxelize",
-                           unit="origin", progress=progress, weight=lambda r: r[1])
+        if params.layout == "lattice":
+            ranges, unit = table.block_ranges, "block"
+            per_task = MAX_TASK_ORIGINS * 4  # blocks are ~4x cheaper than images (fewer, and cut, not cropped)
+            pieces_of = lambda shards: shard_pieces(ranges, list(zip(table.file_index, range(len(ranges)))),  # noqa: E731
+                                                    layout, shards)
+            submit = lambda shards: client.submit(run_task, lattice_write_task, str(root), shards,  # noqa: E731
+                                                  pieces_of(shards), params.image, params.storage, pure=False)
+        else:
+            ranges, unit, per_task = table.ranges, "origin", MAX_TASK_ORIGINS
+            submit = lambda shards: client.submit(  # noqa: E731
+                run_task, write_task, str(root), shards, shard_pieces(table.ranges, table.file_index, layout, shards),
+                params.image, params.storage, params.rotations, None, not params.exact_centers, pure=False)
+        target = min(-(-pending_items // (8 * workers)), per_task)
+        tasks = plan_write_tasks(pending, layout.origins_per_shard, layout.n_origins, ranges, target_origins=target)
+        futures = [submit(shards) for shards in tasks]
+        written = wait_all(futures, total=layout.n_origins, initial=layout.n_origins - pending_items,
+                           desc="voxelize", unit=unit, progress=progress, weight=lambda r: r[1])
         t_end = time.time()
 
     # Publish: checksums, then the completion flag, then drop the build state.
     fmt.remove_temporaries(root)  # of tasks whose worker died mid-write (their task ran again)
     done = [write.read_done(root, s) for s in range(layout.n_shards)]
-    fmt.write_array(root, fmt.CRC32, np.concatenate([crc for crc, _ in done]))
-    saturated = sum(sat for _, sat in done)
+    if params.layout == "lattice":
+        fmt.write_array(root, fmt.BLOCK_CRC32, np.concatenate([d["crc32"] for d in done]))
+        fmt.write_array(root, fmt.BLOCK_FILL, np.concatenate([d["fill"] for d in done]).astype(np.uint16))
+    else:
+        fmt.write_array(root, fmt.CRC32, np.concatenate([d["crc32"] for d in done]))
+    saturated = sum(int(d["saturated"]) for d in done)
     elapsed = time.time() - started
     attrs = fmt.update_attrs(
         root, complete=True, failures=tuple(table.failures), duplicates=tuple(table.duplicates),
@@ -334,6 +352,8 @@ class ScanTable:
     duplicates: list[fmt.InputNote] = field(default_factory=list)  # path, id, same_as
     empty: list[fmt.InputNote] = field(default_factory=list)       # path, id, reason
     ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) origins
+    lattices: list[dict] = field(default_factory=list)    # lattice layout: scan's lattice_* fields of each
+    block_ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) blocks
 
     @property
     def n_origins(self) -> int:
@@ -364,10 +384,16 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
         table.n_atoms.append(int(res["n_atoms"]))
         table.sha256.append(sha)
         table.meta.append({k: v for k, v in res.items() if k.startswith("meta_")})
+        if "lattice_cells" in res:
+            table.lattices.append({k: v for k, v in res.items() if k.startswith("lattice_")})
     counts = np.array([len(c) for c in table.centers], dtype=np.int64)
     stops = np.cumsum(counts)
     if len(counts):
         table.ranges = np.stack([stops - counts, stops], axis=1)
+    if table.lattices:
+        blocks = np.array([int(lat["lattice_count"].sum()) for lat in table.lattices], dtype=np.int64)
+        ends = np.cumsum(blocks)
+        table.block_ranges = np.stack([ends - blocks, ends], axis=1)
     return table
 
 
@@ -376,11 +402,8 @@ def origins_per_shard(n_origins: int, origin_nbytes: int) -> int:
     return max(1, min(TARGET_SHARD_BYTES // origin_nbytes, -(-n_origins // 64)))
 
 
-def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
-    n = table.n_origins
-    image_shape = params.image.shape if params.rotations == 1 else (params.rotations, *params.image.shape)
-    origin_nbytes = int(np.prod(image_shape)) * np.dtype(params.storage.dtype).itemsize
-    per_shard = params.origins_per_shard or origins_per_shard(n, origin_nbytes)
+def _write_tables(root: Path, params: BuildParams, table: ScanTable) -> None:
+    """The origin and structure tables every layout has."""
     structure_index = np.repeat(np.arange(len(table.ids), dtype=np.int32),
                                 table.ranges[:, 1] - table.ranges[:, 0])
     fmt.write_array(root, fmt.CENTER, np.concatenate(table.centers).astype(np.float32))
@@ -393,6 +416,54 @@ def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.Voxe
     fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table.n_atoms, dtype=np.int32))
     fmt.write_array(root, fmt.STRUCTURE_ORIGIN_RANGE, table.ranges.astype(np.int64))
     metadata.write_columns(root, table.meta)
+
+
+def blocks_per_shard(n_blocks: int, block_nbytes: int) -> int:
+    """Shards of ~1 GiB of raw blocks: few files (a reader maps them all), at least 64 for small caches."""
+    return max(1, min(LATTICE_SHARD_BYTES // block_nbytes, -(-n_blocks // 64)))
+
+
+def _write_lattice_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
+    """Tables, lattice arrays (block ids assigned lattice by lattice in storage order), blocks metadata."""
+    _write_tables(root, params, table)
+    lats = table.lattices
+    grid = np.concatenate([np.concatenate([lat["lattice_corner"], lat["lattice_dims"]], axis=1) for lat in lats])
+    cells_per_map = np.prod(grid[:, 3:], axis=1)
+    map_start = np.concatenate([[0], np.cumsum(cells_per_map)]).astype(np.int64)
+    counts = np.concatenate([lat["lattice_count"] for lat in lats])
+    block_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    block_map = np.full(int(map_start[-1]), fmt.EMPTY_BLOCK, np.int32)
+    lattice = 0
+    for lat in lats:
+        offsets = np.concatenate([[0], np.cumsum(lat["lattice_count"])])
+        for copy in range(len(lat["lattice_count"])):
+            cells = lat["lattice_cells"][offsets[copy]:offsets[copy + 1]]
+            block_map[map_start[lattice] + cells] = block_start[lattice] + np.arange(len(cells), dtype=np.int32)
+            lattice += 1
+    fmt.write_array(root, fmt.LATTICE_GRID, grid.astype(np.int32))
+    fmt.write_array(root, fmt.LATTICE_MAP_START, map_start)
+    fmt.write_array(root, fmt.LATTICE_BLOCK_START, block_start)
+    fmt.write_array(root, fmt.LATTICE_MAP, block_map)
+    if params.rotations > 1:
+        fmt.write_array(root, fmt.LATTICE_ROTATION, np.stack([lat["lattice_rotation"] for lat in lats]))
+        fmt.write_array(root, fmt.LATTICE_ROTATION_CENTER, np.stack([lat["lattice_center"] for lat in lats]))
+    edge, n_blocks = params.block_edge, int(block_start[-1])
+    block_nbytes = edge ** 3 * params.image.n_channels * np.dtype(params.storage.dtype).itemsize
+    blocks_dir = root / fmt.BLOCKS
+    blocks_dir.mkdir(exist_ok=True)
+    fmt.write_json_atomic(blocks_dir / "zarr.json", fmt.sharded_array_metadata(
+        n_blocks, (edge, edge, edge, params.image.n_channels), params.storage.dtype,
+        params.origins_per_shard or blocks_per_shard(n_blocks, block_nbytes),
+        compression=params.compression, level=params.compression_level))
+    return fmt.VoxelLayout(root, fmt.BLOCKS)
+
+
+def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
+    n = table.n_origins
+    image_shape = params.image.shape if params.rotations == 1 else (params.rotations, *params.image.shape)
+    origin_nbytes = int(np.prod(image_shape)) * np.dtype(params.storage.dtype).itemsize
+    per_shard = params.origins_per_shard or origins_per_shard(n, origin_nbytes)
+    _write_tables(root, params, table)
     if params.rotations > 1:
         mats = np.stack([origin_rotations(params.rule.seed, o, params.rotations) for o in range(n)])
         fmt.write_array(root, fmt.ROTATION, mats.astype(np.float32))
@@ -405,8 +476,7 @@ def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.Voxe
 
 
 def _summarize(root: Path, attrs: fmt.CacheAttrs, summary: BuildSummary, started: float) -> BuildSummary:
-    layout = fmt.VoxelLayout(root)
-    summary.origins = layout.n_origins
+    summary.origins = len(fmt.read_array(root, fmt.CENTER))
     summary.structures_ok = len(fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT))
     summary.failures = list(attrs.failures)
     summary.bytes_on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

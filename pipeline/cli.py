@@ -13,8 +13,8 @@ import errno
 import os
 import sys
 
-from cache_tools.format import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL, STORAGE_DTYPES,
-                                UINT8_DEFAULT_MAX)
+from cache_tools.format import (COMPRESSIONS, DEFAULT_BLOCK_EDGE, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL,
+                                DEFAULT_LAYOUT, LAYOUTS, STORAGE_DTYPES, UINT8_DEFAULT_MAX)
 from cache_tools.commands.options import (OneLineParser, human_bytes, non_negative_float, non_negative_int,
                                           positive_float, positive_int)
 
@@ -44,6 +44,12 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
                    help="zstd level, 1-22; higher levels barely shrink these images "
                         "(default: %(default)s)")
+    g.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="origins: one stored image per origin (or per --rotations); lattice: each structure "
+                        "voxelized once and stored as its non-empty blocks, views of any size cut at "
+                        "training time (README, 'The lattice layout') (default: %(default)s)")
+    g.add_argument("--block-edge", type=positive_int, default=DEFAULT_BLOCK_EDGE,
+                   help="with --layout lattice: voxels per side of a stored block (default: %(default)s)")
     g.add_argument("--rotations", type=positive_int, default=1,
                    help="images per origin: the canonical one plus K-1 seeded random rotations "
                         "(atoms rotated before voxelizing) (default: %(default)s)")
@@ -117,6 +123,19 @@ def params_from_args(args: argparse.Namespace):
     image = ImageSpec(args.grid_voxels, args.resolution, len(channels), args.atom_radius)
     if not args.scheduler and not os.environ.get("DASK_SCHEDULER_ADDRESS"):
         check_image_fits(image, args.workers)
+    if args.layout == "lattice":
+        from pipeline.encode import lattice_exact
+
+        if args.exact_centers:
+            raise ValueError("--exact-centers: the lattice layout cuts every view on the lattice; "
+                             "give one or the other")
+        if not lattice_exact(image):
+            raise ValueError(f"--resolution {args.resolution}: the lattice layout needs a resolution whose "
+                             "multiples are exact floats (n / 2**k with a small n, e.g. 1, 0.5, 0.75)")
+        if args.block_edge < 2 or args.block_edge > 64:
+            raise ValueError(f"--block-edge {args.block_edge}: must be between 2 and 64 voxels")
+    elif args.block_edge != DEFAULT_BLOCK_EDGE:
+        raise ValueError("--block-edge applies only with --layout lattice")
     if args.compression != "none" and not 1 <= args.compression_level <= 22:
         raise ValueError(f"--compression-level must be between 1 and 22, got {args.compression_level}")
     return BuildParams(
@@ -131,6 +150,7 @@ def params_from_args(args: argparse.Namespace):
         exact_centers=args.exact_centers,
         keep_duplicates=args.keep_duplicates,
         compression=args.compression, compression_level=args.compression_level,
+        layout=args.layout, block_edge=args.block_edge,
     )
 
 

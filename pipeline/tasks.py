@@ -15,6 +15,8 @@ from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.cluster import peak_rss_bytes, reset_peak_rss
 from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
+from pipeline.lattice import LatticeVoxelizer, rotated
+from pipeline.lattice import scan_fields as lattice_scan_fields
 from pipeline.origins import OriginRule, pick_origins
 from pipeline.parse import ParseError, check_source, parse_atoms
 from pipeline.voxelize import ImageSpec, Storage
@@ -22,13 +24,16 @@ from pipeline.voxelize import ImageSpec, Storage
 
 def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
               rule: OriginRule, listed: dict[str, np.ndarray] | None,
-              snap: ImageSpec | None = None, box_half_A: float = np.inf) -> tuple[list[tuple[int, int]], int]:
+              snap: ImageSpec | None = None, box_half_A: float = np.inf,
+              lattice: tuple[int, int, int] | None = None) -> tuple[list[tuple[int, int]], int]:
     """Parse files and pick their origins; returns ([(file index, origins or -1 on failure)],
     the worker's peak RSS during the task).
 
     ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
     ``box_half_A``: an atom touches an image only within this distance of its centre
     along every axis; listed origins with no atom that close (empty images) are counted.
+    ``lattice``: (block edge, copies, seed) of a lattice-layout build: also record each
+    structure's blocks (``pipeline.lattice.scan_fields``).
     """
     reset_peak_rss()
     out = []
@@ -41,7 +46,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             reason = str(exc)
         except OSError as exc:
             reason = f"cannot read: {exc.strerror or exc}"
-        n, empty = -1, ""
+        n, empty, blocks = -1, "", {}
         if reason is None:
             try:
                 atoms = parse_atoms(source, channels)
@@ -59,6 +64,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                         raise ParseError(
                             f"no origins: no atom has >= {rule.min_neighbors} heavy atoms within "
                             f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
+                if lattice is not None:
+                    blocks = lattice_scan_fields(atoms.xyz, snap, *lattice, sha)
             except ParseError as exc:
                 reason = str(exc)
             except (ImportError, MemoryError):
@@ -77,7 +84,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
                               entry_id=np.array(atoms.entry_id), empty_origins=np.array(empty),
-                              **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains))
+                              **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains), **blocks)
         else:
             write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
                               source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
@@ -137,6 +144,54 @@ def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]],
         n, before = layout.origins_in_shard(shard), saturated
         write.write_shard(layout, shard, itertools.islice(stream, n), saturated=lambda: saturated - before,
                           expected_crc32=None if expected_crc32 is None else expected_crc32[done:done + n])
+        done += n
+    return shards, done, peak_rss_bytes()
+
+
+def lattice_write_task(root: str, shards: list[int], pieces: list[tuple[tuple[int, int], int, int]],
+                       spec: ImageSpec, storage: Storage,
+                       expected_crc32: np.ndarray | None = None) -> tuple[list[int], int, int]:
+    """Voxelize the blocks of consecutive shards of a lattice cache; pieces are ((file index,
+    structure row), first block, stop block). Returns (shards, blocks written, peak RSS).
+
+    Each lattice is voxelized tile by tile, once across the shards of a task; each shard is
+    published on its own with its blocks' crc32s and fills. ``expected_crc32`` (a repair),
+    one per block of the shards: refuse to publish bytes that differ from the build's.
+    """
+    reset_peak_rss()
+    layout = fmt.VoxelLayout(root, fmt.BLOCKS)
+    edge = int(layout.item_shape[0])
+    grid, block_map = fmt.read_array(root, fmt.LATTICE_GRID), fmt.read_array(root, fmt.LATTICE_MAP)
+    map_start, block_start = fmt.read_array(root, fmt.LATTICE_MAP_START), fmt.read_array(root, fmt.LATTICE_BLOCK_START)
+    copies = (len(block_start) - 1) // len(fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE))
+    mats = fmt.read_array(root, fmt.LATTICE_ROTATION) if copies > 1 else None
+    centers = fmt.read_array(root, fmt.LATTICE_ROTATION_CENTER) if copies > 1 else None
+    saturated, fills = 0, []
+
+    def block_bytes():
+        nonlocal saturated
+        for (index, row), start, stop in pieces:
+            atoms = write.load_npz(write.atoms_path(root, index))
+            for copy in range(copies):
+                lat = row * copies + copy
+                lo, hi = int(block_start[lat]), int(block_start[lat + 1])
+                a, b = max(lo, start), min(hi, stop)
+                if a >= b:
+                    continue
+                cells = fmt.storage_cells(block_map[map_start[lat]:map_start[lat + 1]])
+                xyz = atoms["xyz"] if mats is None else rotated(atoms["xyz"], mats[row, copy], centers[row])
+                voxelizer = LatticeVoxelizer(xyz, atoms["channel"], spec, storage, edge, grid[lat, :3], grid[lat, 3:])
+                for stored, sat, fill in voxelizer.blocks(cells[a - lo:b - lo]):
+                    saturated += sat
+                    fills.append(fill)
+                    yield stored
+
+    stream, done = block_bytes(), 0
+    for shard in shards:
+        n, before, first = layout.origins_in_shard(shard), saturated, len(fills)
+        write.write_shard(layout, shard, itertools.islice(stream, n), saturated=lambda: saturated - before,
+                          expected_crc32=None if expected_crc32 is None else expected_crc32[done:done + n],
+                          extra=lambda: {"fill": np.array(fills[first:first + n], np.uint16)})
         done += n
     return shards, done, peak_rss_bytes()
 

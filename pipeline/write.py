@@ -62,10 +62,11 @@ class ChecksumMismatch(ValueError):
 
 
 def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lambda: 0,
-                expected_crc32: np.ndarray | None = None) -> np.ndarray:
+                expected_crc32: np.ndarray | None = None, extra=lambda: {}) -> np.ndarray:
     """Write shard ``shard`` from an iterable of each origin's stored bytes; return their crc32s.
 
-    ``saturated()`` is asked after the last origin for the count of clipped voxels.
+    ``saturated()`` is asked after the last origin for the count of clipped voxels, ``extra()``
+    for more arrays to record with the shard (a lattice's block fills).
     With ``expected_crc32`` (a repair), an origin whose bytes differ from the recorded
     checksum aborts the write before anything is published. The crc32 covers the bytes
     as given; a compressed layout then encodes each origin with its codec (zarr's own
@@ -98,11 +99,11 @@ def write_shard(layout: fmt.VoxelLayout, shard: int, origin_bytes, saturated=lam
         yield layout.shard_index(shard, sizes).tobytes()
 
     fmt.publish(layout.shard_path(shard), chunks())
-    publish_npz(done_path(layout.root, shard), crc32=crcs, saturated=np.int64(saturated()))
+    publish_npz(done_path(layout.root, shard), crc32=crcs, saturated=np.int64(saturated()), **extra())
     return crcs
 
 
-def read_done(root, shard: int) -> tuple[np.ndarray, int]:
-    """(crc32s, saturated voxels) recorded when the shard was published."""
-    done = load_npz(done_path(root, shard))
-    return done["crc32"], int(done["saturated"])
+def read_done(root, shard: int) -> dict[str, np.ndarray]:
+    """What was recorded when the shard was published: ``crc32`` (per item), ``saturated``
+    (clipped voxels), and for lattice blocks ``fill``."""
+    return load_npz(done_path(root, shard))

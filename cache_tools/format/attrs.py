@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from cache_tools.format.lattice import LatticeParams
 from cache_tools.format.names import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, CacheError
 from cache_tools.format.store import read_json, write_json_atomic
 
@@ -106,7 +107,13 @@ class CacheParams:
     n_inputs: int
     keep_duplicates: bool = False
     compression: Compression | None = None
+    lattice: LatticeParams | None = None  # the lattice layout (None: one image per origin)
     extra: dict = field(default_factory=dict, compare=True)
+
+    @property
+    def layout(self) -> str:
+        """"lattice" (structures voxelized once, views cut at training time) or "origins"."""
+        return "lattice" if self.lattice is not None else "origins"
 
     @property
     def scale(self) -> float:
@@ -138,6 +145,7 @@ class CacheParams:
             inputs_sha256=known["inputs_sha256"], n_inputs=int(known["n_inputs"]),
             keep_duplicates=bool(known.get("keep_duplicates", False)),
             compression=Compression(**compression) if compression else None,
+            lattice=LatticeParams(**known["lattice"]) if known.get("lattice") else None,
             extra=extra)
 
     def to_json(self) -> dict:
@@ -155,6 +163,7 @@ class CacheParams:
             # only when set, so caches built before these options existed keep their fingerprint
             **({"keep_duplicates": True} if self.keep_duplicates else {}),
             **({"compression": self.compression.to_json()} if self.compression else {}),
+            **({"lattice": self.lattice.to_json()} if self.lattice else {}),
             **self.extra,
         }
 

@@ -22,26 +22,29 @@ EMPTY_INDEX_ENTRY = np.uint64(2**64 - 1)  # zarr's marker for "inner chunk absen
 INDEX_ENTRY_NBYTES = 16                   # one slot of zarr's shard index: offset, length
 
 
-def shard_file(root: str | os.PathLike, shard: int, ndim: int) -> str:
-    """File holding shard ``shard`` of the voxels array (default chunk key encoding), as a
+def shard_file(root: str | os.PathLike, shard: int, ndim: int, array: str = VOXELS) -> str:
+    """File holding shard ``shard`` of a sharded array (default chunk key encoding), as a
     string: the reader opens one per shard it reads, where pathlib costs ~20 µs a call."""
-    return os.path.join(root, VOXELS, "c", str(shard), *(["0"] * (ndim - 1)))
+    return os.path.join(root, array, "c", str(shard), *(["0"] * (ndim - 1)))
 
 
 class VoxelLayout:
     """Where the bytes of each origin live; parsed once from the voxels array metadata.
 
+    The same description serves any array of whole items sharded along axis 0: with
+    ``array="blocks"`` the items are a lattice's blocks (``n_items``, ``item_nbytes``,
+    ``items_per_shard``, ``item_shape`` name them for both).
     Small and picklable: a Dataset carries one of these into its workers.
     """
 
-    def __init__(self, root: str | os.PathLike):
-        meta = array_meta(root, VOXELS)
-        self.root = str(root)
+    def __init__(self, root: str | os.PathLike, array: str = VOXELS):
+        meta = array_meta(root, array)
+        self.root, self.array = str(root), array
         self.shape = tuple(int(n) for n in meta["shape"])
         self.dtype = numpy_dtype(meta)
         (codec,) = meta["codecs"]
         if codec["name"] != "sharding_indexed":
-            raise CacheError(f"{root}: voxels are not stored in the sharded layout")
+            raise CacheError(f"{root}: {array} are not stored in the sharded layout")
         config = codec["configuration"]
         inner = tuple(config["chunk_shape"])
         if inner != (1, *self.shape[1:]):
@@ -69,6 +72,12 @@ class VoxelLayout:
     def compressed(self) -> bool:
         return self.codec is not None
 
+    # generic names: an item is an origin's image (voxels) or a block (blocks)
+    n_items = property(lambda self: self.n_origins)
+    items_per_shard = property(lambda self: self.origins_per_shard)
+    item_nbytes = property(lambda self: self.origin_nbytes)
+    item_shape = property(lambda self: self.image_shape)
+
     @property
     def index_nbytes(self) -> int:
         """Bytes of zarr's shard index at the end of every shard file."""
@@ -83,7 +92,7 @@ class VoxelLayout:
         return min(self.origins_per_shard, self.n_origins - shard * self.origins_per_shard)
 
     def shard_file(self, shard: int) -> str:
-        return shard_file(self.root, shard, len(self.shape))
+        return shard_file(self.root, shard, len(self.shape), self.array)
 
     def shard_path(self, shard: int) -> Path:
         return Path(self.shard_file(shard))
@@ -155,7 +164,16 @@ def voxels_array_metadata(n_origins: int, image_shape: tuple[int, ...], dtype: s
                           origins_per_shard: int, attributes: dict | None = None,
                           compression: str = "none", level: int = DEFAULT_COMPRESSION_LEVEL) -> dict:
     """zarr v3 metadata of the voxels array: shards of whole origins, each raw or zstd-compressed."""
-    shape = [n_origins, *image_shape]
+    return sharded_array_metadata(n_origins, image_shape, dtype, origins_per_shard, attributes, compression, level)
+
+
+def sharded_array_metadata(n_items: int, item_shape: tuple[int, ...], dtype: str, items_per_shard: int,
+                           attributes: dict | None = None, compression: str = "none",
+                           level: int = DEFAULT_COMPRESSION_LEVEL) -> dict:
+    """zarr v3 metadata of an array of items (origins' images, or lattice blocks) along axis 0:
+    shards of ``items_per_shard`` whole items, one inner chunk each, raw or zstd-compressed."""
+    shape = [n_items, *item_shape]
+    image_shape, origins_per_shard = item_shape, items_per_shard
     return {
         "shape": shape,
         "data_type": dtype,

@@ -51,7 +51,10 @@ METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
                    STRUCTURE_ID + "_utf8", STRUCTURE_ID + "_offsets",
                    STRUCTURE_SOURCE_PATH + "_utf8", STRUCTURE_SOURCE_PATH + "_offsets",
                    STRUCTURE_SHA256, STRUCTURE_ATOM_COUNT, STRUCTURE_ORIGIN_RANGE, STRUCTURE_SPLIT,
-                   *STRUCTURE_META_ARRAYS, STRUCTURE_ENTRY_ID + "_utf8", STRUCTURE_ENTRY_ID + "_offsets")
+                   *STRUCTURE_META_ARRAYS, STRUCTURE_ENTRY_ID + "_utf8", STRUCTURE_ENTRY_ID + "_offsets",
+                   # the lattice layout's tables (cache_tools.format.lattice)
+                   "lattice/grid", "lattice/map_start", "lattice/block_map", "lattice/block_start",
+                   "lattice/block_crc32", "lattice/block_fill", "lattice/rotation", "lattice/rotation_center_A")
 
 # --- vocabularies --------------------------------------------------------------------------
 
