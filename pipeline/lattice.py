@@ -150,11 +150,6 @@ def blocks_array_metadata(n_blocks: int, edge: int, n_channels: int, dtype: str,
                                       compression=compression, level=level)
 
 
-def rotated(xyz: np.ndarray, rotation: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """Atoms of a lattice copy: turned by ``rotation`` about ``center`` (identity: unchanged)."""
-    if np.array_equal(rotation, np.eye(3)):
-        return xyz
-    return (xyz - center) @ rotation.T + center
 
 
 def scan_fields(xyz: np.ndarray, spec: ImageSpec, edge: int, copies: int, seed: int, sha256: str) -> dict:
@@ -165,8 +160,8 @@ def scan_fields(xyz: np.ndarray, spec: ImageSpec, edge: int, copies: int, seed: 
     center = xyz.mean(axis=0)
     mats = lattice_rotations(seed, zlib.crc32(sha256.encode()), copies)
     corners, dims, counts, cells = [], [], [], []
-    for mat in mats:
-        c, d, k = block_set(rotated(xyz, mat, center), spec, edge)
+    for copy, mat in enumerate(mats):
+        c, d, k = block_set(fmt.copy_frame(xyz, mat, center, copy), spec, edge)
         corners.append(c)
         dims.append(d)
         counts.append(len(k))

@@ -15,7 +15,7 @@ from cache_tools import format as fmt
 from pipeline import metadata, write
 from pipeline.cluster import peak_rss_bytes, reset_peak_rss
 from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
-from pipeline.lattice import LatticeVoxelizer, rotated
+from pipeline.lattice import LatticeVoxelizer
 from pipeline.lattice import scan_fields as lattice_scan_fields
 from pipeline.origins import OriginRule, pick_origins
 from pipeline.parse import ParseError, check_source, parse_atoms
@@ -179,7 +179,7 @@ def lattice_write_task(root: str, shards: list[int], pieces: list[tuple[tuple[in
                 if a >= b:
                     continue
                 cells = fmt.storage_cells(block_map[map_start[lat]:map_start[lat + 1]])
-                xyz = atoms["xyz"] if mats is None else rotated(atoms["xyz"], mats[row, copy], centers[row])
+                xyz = atoms["xyz"] if mats is None else fmt.copy_frame(atoms["xyz"], mats[row, copy], centers[row], copy)
                 voxelizer = LatticeVoxelizer(xyz, atoms["channel"], spec, storage, edge, grid[lat, :3], grid[lat, 3:])
                 for stored, sat, fill in voxelizer.blocks(cells[a - lo:b - lo]):
                     saturated += sat

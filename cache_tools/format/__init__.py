@@ -60,7 +60,7 @@ from cache_tools.format.attrs import (CacheAttrs, CacheParams, Compression, Imag
                                       read_attrs, require_complete, update_attrs, write_attrs)
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, encoder, inner_codecs
 from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout's names)
-from cache_tools.format.lattice import LatticeParams, view_center, view_corner
+from cache_tools.format.lattice import LatticeParams, copy_frame, copy_offset, view_center, view_corner
 from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, VoxelLayout, entry_problem,
                                        shard_file, sharded_array_metadata, voxels_array_metadata, voxels_nbytes)
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)

@@ -21,7 +21,8 @@ Arrays, besides ``origins/*`` and ``structures/*`` as in the per-origin layout::
     lattice/block_crc32     (n_blocks,) uint32: zlib.crc32 of each block as stored, before compression
     lattice/block_fill      (n_blocks,) uint16: voxels of the block with a non-zero channel
     lattice/rotation        (n_structures, K, 3, 3) float64, K > 1 only: copy r of structure s
-                            holds the atoms turned by R about lattice/rotation_center_A[s]
+                            holds the atoms x turned by R = rotation[s, r] about g =
+                            rotation_center_A[s]: R (x - g) + t_r (``copy_frame``)
     lattice/rotation_center_A (n_structures, 3) float64, K > 1 only
 
 Lattice ``s * K + r`` is copy ``r`` of structure ``s`` (K = 1: lattice ``s``). Blocks are
@@ -61,6 +62,24 @@ class LatticeParams:
 
     def to_json(self) -> dict:
         return {"block_edge": self.block_edge}
+
+
+COPY_ORIGIN_A = 4096.0  # where a rotated copy (r >= 1) puts its structure's centre, on every axis:
+# far from 0, so every atom and view centre of the copy has the same sign and binade, and the
+# voxelizer's differences of coordinates are exact floats wherever the view sits (a view equals
+# the voxelizer bit for bit; atoms turned about their own centre, near 0, lose that).
+
+
+def copy_offset(copy: int, center: np.ndarray) -> np.ndarray:
+    """t_r of ``copy_frame``: the structure's centre for copy 0 (no move), COPY_ORIGIN_A otherwise."""
+    return np.asarray(center, np.float64) if copy == 0 else np.full(3, COPY_ORIGIN_A)
+
+
+def copy_frame(points: np.ndarray, rotation: np.ndarray, center: np.ndarray, copy: int) -> np.ndarray:
+    """Points (Å) of a structure in the frame of its lattice copy ``copy``: R (x - g) + t_r."""
+    if copy == 0:
+        return np.asarray(points, np.float64)
+    return (np.asarray(points, np.float64) - center) @ np.asarray(rotation).T + copy_offset(copy, center)
 
 
 def storage_cells(block_map: np.ndarray) -> np.ndarray:

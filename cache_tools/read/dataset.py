@@ -24,9 +24,11 @@ import torch
 
 from cache_tools import format as fmt
 from cache_tools.read.budget import memory_budget
+from cache_tools.read.lattice import LatticeReader
 from cache_tools.read.reader import ShardReader
 from cache_tools.read.batch import SampleBatch, batch_buffer
 from cache_tools.read.selection import Selection
+from cache_tools.read.views import LatticeGeometry, check_view_options, mix_array
 from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS
 
 _MASK64 = (1 << 64) - 1
@@ -39,18 +41,6 @@ def _mix(*values: int) -> int:
         h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
         h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 29
-    return h
-
-
-def mix_array(*values) -> np.ndarray:
-    """:func:`_mix` over arrays (any value may be an int or an int array): the same numbers."""
-    with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
-        for v in values:
-            v = np.asarray(v).astype(np.int64).view(np.uint64) if np.ndim(v) else np.uint64(v & _MASK64)
-            h = (h ^ v) * np.uint64(0xBF58476D1CE4E5B9)
-            h = (h ^ (h >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
-            h = h ^ (h >> np.uint64(29))
     return h
 
 
@@ -123,12 +113,29 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                  prefetch: bool | None = None, structures: Sequence[int] | np.ndarray | None = None,
                  subset: str | None = None, max_maps: int | None = None, threads: int | None = None,
                  dequantize: bool = True, normalize_mean: Sequence[float] | None = None,
-                 normalize_std: Sequence[float] | None = None):
+                 normalize_std: Sequence[float] | None = None, grid_voxels: int | None = None,
+                 jitter_voxels: int = 0):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
-        self.layout = fmt.VoxelLayout(self.root)
-        self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
+        self.lattice = attrs.params.lattice is not None
+        build_voxels = attrs.params.image.grid_voxels
+        if self.lattice:  # views cut at training time
+            self.layout = fmt.VoxelLayout(self.root, fmt.BLOCKS)
+            self.reader = LatticeReader(self.root, threads=threads)
+            self.geometry = LatticeGeometry(self.root, attrs)
+            self.view_voxels = build_voxels if grid_voxels is None else grid_voxels
+            check_view_options(self.view_voxels, jitter_voxels, "VoxelCacheDataset")
+        else:
+            if grid_voxels not in (None, build_voxels) or jitter_voxels:
+                raise ValueError(f"{self.root}: grid_voxels/jitter_voxels need views cut at training time, and this "
+                                 f"cache stores one {build_voxels}³ image per origin; build it with "
+                                 "`pipeline build-cache --layout lattice`")
+            self.layout = fmt.VoxelLayout(self.root)
+            self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
+            self.view_voxels = build_voxels
+        self.jitter_voxels = jitter_voxels
+        self.n_origins = len(fmt.read_array(self.root, fmt.CENTER))
         self.scale = attrs.scale
         self.dequantize = dequantize
         self.image_dtype = np.dtype(np.float32) if dequantize else self.layout.dtype
@@ -152,7 +159,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         rows, _, cumulative = self.selection.table()  # not kept: reopened per process
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
-        self._len = self.layout.n_origins if self._all else int(cumulative[-1])
+        self._len = self.n_origins if self._all else int(cumulative[-1])
         if subset is not None and self._n_structures == 0:
             raise fmt.CacheError(f"{self.root}: {self.selection.describe()} holds no structure")
 
@@ -223,8 +230,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         in this selection, IndexError when it is not in the cache at all.
         """
         origin = operator.index(origin_id)
-        if not 0 <= origin < self.layout.n_origins:
-            raise IndexError(f"origin id {origin} out of range for {self.layout.n_origins} origins in the cache")
+        if not 0 <= origin < self.n_origins:
+            raise IndexError(f"origin id {origin} out of range for {self.n_origins} origins in the cache")
         if self._all:
             return origin
         row = int(self._local().structure_index[origin])
@@ -267,6 +274,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return stored, cube
 
     def _image_shape(self) -> tuple[int, ...]:
+        if self.lattice:
+            return (len(self.channels), *(self.view_voxels,) * 3)
         return self.layout.image_shape[1:] if self.n_rotations > 1 else self.layout.image_shape
 
     def _read_one(self, origin: int, rotation: int, cube: int, out: np.ndarray) -> None:
@@ -287,6 +296,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         origin = self.origin_id(scalar)
         index = scalar % self._len
         state = self._local()
+        if self.lattice:
+            return self._view_item(index, origin, state)
         if self.prefetch:
             self.reader.prefetch(np.array([origin]))
         rotation, cube = self._choices(index) if self.n_rotations > 1 or self.rotate else (0, 0)
@@ -316,6 +327,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         origins = self._origin_ids(idx)
         idx = idx % self._len if self._len else idx
         state, n = self._state, len(origins)
+        if self.lattice:
+            data = self._read_views(idx, origins)
+            if self.transform is not None:
+                data["image"] = torch.stack([self.transform(img) for img in data["image"]])
+            return SampleBatch(data)
         images = batch_buffer((n, *self._image_shape()), self.image_dtype, pin=self._pin())
         out = images.numpy()
         choices = np.zeros((n, 2), dtype=np.int64)
@@ -336,6 +352,57 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 "cube_rotation": torch.from_numpy(choices[:, 1].copy())}
         return SampleBatch(data)
 
+    def _view_item(self, index: int, origin: int, state: _Local) -> dict[str, Any]:
+        """``ds[i]`` of a lattice cache: :meth:`_read_views` for one sample, in scalars (numpy and
+        torch calls cost microseconds each on one element)."""
+        row, epoch, size = int(state.structure_index[origin]), int(self._epoch), self.view_voxels
+        geometry, copies = self.geometry, self.geometry.copies
+        copy = _mix(self.seed, epoch, index, 1, 0) % copies if copies > 1 else 0
+        cube = _mix(self.seed, epoch, index, 2, 0) % N_CUBE_ROTATIONS if self.rotate else 0
+        center = state.center[origin]
+        if copies > 1:
+            center = geometry.to_copy(np.array([row]), np.array([copy]), center[None])[0]
+        res = geometry.resolution
+        corner = [(round(2 * float(c) / res) - size + 1) // 2 for c in center.tolist()]  # format.view_corner
+        if self.jitter_voxels:
+            span = 2 * self.jitter_voxels + 1
+            corner = [q + _mix(self.seed, epoch, index, 3 + axis, 0) % span - self.jitter_voxels
+                      for axis, q in enumerate(corner)]
+        lattice = row * copies + copy
+        if self.verify:
+            self.reader.verify_blocks(self.reader.touched_blocks(lattice, np.array(corner), size))
+        out = np.empty((size, size, size, len(self.channels)), self.image_dtype)
+        self.reader.read_one(lattice, corner, size, out, cube, self._a, self._b)
+        view_center = [(q + size / 2) * res for q in corner]
+        if copies > 1:
+            view_center = geometry.from_copy(np.array([row]), np.array([copy]), np.array([view_center]))[0].tolist()
+        image = torch.from_numpy(out).permute(3, 0, 1, 2)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "origin_id": origin, "structure_index": row,
+                "center_A": torch.from_numpy(np.array(view_center, np.float32)), "rotation": copy,
+                "cube_rotation": cube}
+
+    def _read_views(self, idx: np.ndarray, origins: np.ndarray) -> dict[str, torch.Tensor]:
+        """A lattice cache's batch: each sample's view placed (copy, jitter, cube rotation from
+        (seed, epoch, index)), cut, cast and rotated into one channel-last buffer, handed over as
+        a (B, C, N, N, N) tensor in torch's channels_last_3d memory format (no copy)."""
+        state, n, size = self._local(), len(origins), self.view_voxels
+        rows = state.structure_index[origins].astype(np.int64)
+        placed = self.geometry.place(self.seed, int(self._epoch), idx, rows, state.center[origins], size,
+                                     self.jitter_voxels, self.rotate)
+        if self.verify:
+            for lattice, corner in zip(placed.lattices.tolist(), placed.corners):
+                self.reader.verify_blocks(self.reader.touched_blocks(lattice, corner, size))
+        buffer = batch_buffer((n, size, size, size, len(self.channels)), self.image_dtype, pin=self._pin())
+        self.reader.read(placed.lattices, placed.corners, size, buffer.numpy(), placed.cube, self._a, self._b)
+        return {"image": buffer.permute(0, 4, 1, 2, 3),
+                "origin_id": torch.from_numpy(origins.astype(np.int64)),
+                "structure_index": torch.from_numpy(rows),
+                "center_A": torch.from_numpy(self.geometry.view_centers(placed, rows, size)),
+                "rotation": torch.from_numpy(placed.copies),
+                "cube_rotation": torch.from_numpy(placed.cube)}
+
     def _pin(self) -> bool:
         return self.pin_memory and torch.cuda.is_available()
 
@@ -346,9 +413,15 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         (identity without ``--rotations``) turned the atoms about ``center_A`` before
         voxelizing, then the cube rotation ``M`` turned the image. An atom at ``x`` Å
         shows at centred voxel coordinate ``Q @ (x - center_A) / resolution_A``, along
-        the image axes (x, y, z); rotate vector labels with the same ``Q``.
+        the image axes (x, y, z); rotate vector labels with the same ``Q``. On a lattice
+        cache ``R`` is the rotation of the structure's lattice copy ``rotation``.
         """
         cube = CUBE_ROTATION_MATRICES[np.asarray(sample["cube_rotation"], dtype=np.int64)]
+        if self.n_rotations > 1 and self.lattice:
+            rows = np.atleast_1d(np.asarray(sample["structure_index"], dtype=np.int64))
+            copies = np.atleast_1d(np.asarray(sample["rotation"], dtype=np.int64))
+            stored = self.geometry.rotation(rows, copies).reshape(*np.shape(sample["rotation"]), 3, 3)
+            return torch.from_numpy((cube.astype(np.float64) @ stored).astype(np.float32))
         if self.n_rotations > 1:
             state = self._local()
             if state.rotations is None:
