@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # Public name -> defining module.
 _EXPORTS = {
     "VoxelCacheDataset": "cache_tools.read.dataset",
+    "NeighborPairs": "cache_tools.read.pairs",
     "SampleBatch": "cache_tools.read.batch",
     "batch_collate": "cache_tools.read.batch",
     "BlockShuffleSampler": "cache_tools.read.sampling",

@@ -15,6 +15,7 @@ from pipeline.voxelize import ImageSpec, Storage
 
 DATA = Path(__file__).parent / "data" / "mmcif"
 SMALL_FILES = ["1aa5.cif.gz", "171l.cif.gz", "1c58.cif.gz", "3fy3.cif.gz", "1qjg_clean.cif"]
+THREE = ["1aa5.cif.gz", "171l.cif.gz", "3fy3.cif.gz"]
 
 
 def small_params(dtype: str = "float32", rotations: int = 1, grid: int = 11, max_origins: int = 12,
@@ -95,3 +96,22 @@ def fs_type(path: Path) -> str:
         if str(path.resolve()).startswith(mountpoint) and len(mountpoint) > len(best):
             best, fstype = mountpoint, right.split()[0]
     return fstype
+
+
+@pytest.fixture(scope="session")
+def lattice_factory(tmp_path_factory):
+    """Lattice caches of the sample files (and their per-origin twins), built once each."""
+    built: dict[tuple, Path] = {}
+
+    def make(files=tuple(THREE), dtype="uint8", compression="zstd", layout="lattice", rotations=1,
+             grid=21) -> Path:
+        key = (tuple(files), dtype, compression, layout, rotations, grid)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"lattice-{layout}-{dtype}-{compression}-{rotations}") / "c.zarr"
+            params = small_params(dtype=dtype, grid=grid, max_origins=40, compression=compression, layout=layout,
+                                  rotations=rotations)
+            build_cache([str(DATA / f) for f in files], out, params, workers=2, progress=False)
+            built[key] = out
+        return built[key]
+
+    return make

@@ -13,34 +13,14 @@ import torch
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
 from cache_tools.read.lattice import LatticeReader
-from pipeline.build import build_cache
 from pipeline.parse import parse_atoms, parse_channels
 from pipeline.voxelize import ImageSpec, Storage, voxelize
 
-from conftest import DATA, small_params
+from conftest import DATA
 
 CHANNELS = parse_channels("C,N,O,*")
 ALL_FILES = sorted(p.name for p in DATA.iterdir())
-THREE = ["1aa5.cif.gz", "171l.cif.gz", "3fy3.cif.gz"]
-
-
-@pytest.fixture(scope="session")
-def lattice_factory(tmp_path_factory):
-    """Lattice caches of the sample files (and their per-origin twins), built once each."""
-    built: dict[tuple, Path] = {}
-
-    def make(files=tuple(THREE), dtype="uint8", compression="zstd", layout="lattice", rotations=1,
-             grid=21) -> Path:
-        key = (tuple(files), dtype, compression, layout, rotations, grid)
-        if key not in built:
-            out = tmp_path_factory.mktemp(f"lattice-{layout}-{dtype}-{compression}-{rotations}") / "c.zarr"
-            params = small_params(dtype=dtype, grid=grid, max_origins=40, compression=compression, layout=layout,
-                                  rotations=rotations)
-            build_cache([str(DATA / f) for f in files], out, params, workers=2, progress=False)
-            built[key] = out
-        return built[key]
-
-    return make
+from conftest import THREE
 
 
 def expected_view(atoms, center: np.ndarray, n: int, dtype: str) -> np.ndarray:

@@ -46,18 +46,31 @@ def cache_info(root: str | Path) -> dict:
     }
     if not info["complete"]:
         info["scanned_inputs"] = len(list((root / fmt.BUILD_DIR / "scan").glob("*.npz")))
-    if (root / fmt.VOXELS / "zarr.json").exists():
-        layout = fmt.VoxelLayout(root)
-        info.update(origins=layout.n_origins, image_shape=list(layout.image_shape),
-                    bytes_per_origin=layout.origin_nbytes, shards=layout.n_shards,
-                    origins_per_shard=layout.origins_per_shard)
+    info["layout"] = params.layout
+    lattice = params.lattice is not None
+    if (root / (fmt.BLOCKS if lattice else fmt.VOXELS) / "zarr.json").exists() and (root / fmt.CENTER).exists():
+        layout = fmt.VoxelLayout(root, fmt.BLOCKS if lattice else fmt.VOXELS)
+        n_origins = len(fmt.read_array(root, fmt.CENTER))
         stored = fmt.voxels_nbytes(layout)
+        image = [len(params.channels), *(params.image.grid_voxels,) * 3]
+        info.update(origins=n_origins, shards=layout.n_shards)
+        if lattice:
+            maps = sum(fmt.read_array(root, name).nbytes for name in (fmt.LATTICE_MAP, fmt.LATTICE_GRID, fmt.LATTICE_MAP_START, fmt.LATTICE_BLOCK_START))
+            info.update(image_shape=image, bytes_per_origin=int(np.prod(image)) * layout.dtype.itemsize,
+                        lattice={"block_edge": params.lattice.block_edge, "blocks": layout.n_items,
+                                 "blocks_per_shard": layout.items_per_shard, "copies": params.rotations,
+                                 "block_map_bytes": int(maps),
+                                 "blocks_stored_bytes": stored,
+                                 "bytes_per_origin": round((stored + maps) / n_origins, 1) if n_origins else None})
+        else:
+            info.update(image_shape=list(layout.image_shape), bytes_per_origin=layout.origin_nbytes,
+                        origins_per_shard=layout.origins_per_shard)
         info["voxels"] = {  # what the shard files hold, compressed or not
             "codec": layout.codec.name if layout.codec else "none",
             "level": layout.codec.level if layout.codec else None,
             "stored_bytes": stored,
-            "stored_bytes_per_origin": round(stored / layout.n_origins, 1) if layout.n_origins else None,
-            "compression_ratio": round(layout.n_origins * layout.origin_nbytes / stored, 2) if stored else None}
+            "stored_bytes_per_origin": round(stored / n_origins, 1) if n_origins else None,
+            "compression_ratio": round(layout.n_items * layout.item_nbytes / stored, 2) if stored else None}
         counts = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
         info["structures"] = len(counts)
         ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
@@ -132,10 +145,21 @@ def format_info(info: dict) -> str:
                      f"(of {info['inputs']} inputs)")
         lines.append(f"  origins:    {info['origins']} (per structure: min {ops['min']}, "
                      f"median {ops['median']:g}, max {ops['max']})")
-        lines.append(f"  layout:     {info['shards']} shards of {info['origins_per_shard']} origins, "
-                     f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
+        if "lattice" in info:
+            lat = info["lattice"]
+            lines.append(f"  layout:     lattice: {lat['blocks']:,} blocks of {lat['block_edge']}³ in {info['shards']} "
+                         f"shards" + (f", {lat['copies']} copies per structure" if lat["copies"] > 1 else "")
+                         + f"; views of any size cut at training time (image {info['image_shape']} at the origins)")
+            codec = info["voxels"]
+            lines.append(f"  lattice:    {human_bytes(lat['bytes_per_origin'] or 0)} per origin on disk "
+                         f"({codec['codec'] + ' level ' + str(codec['level']) if codec['level'] is not None else 'raw'} "
+                         f"blocks {human_bytes(lat['blocks_stored_bytes'])}, block maps "
+                         f"{human_bytes(lat['block_map_bytes'])})")
+        else:
+            lines.append(f"  layout:     {info['shards']} shards of {info['origins_per_shard']} origins, "
+                         f"{human_bytes(info['bytes_per_origin'])} per origin, image {info['image_shape']}")
         vox = info["voxels"]
-        if vox["codec"] != "none":
+        if vox["codec"] != "none" and "lattice" not in info:
             lines.append(f"  compressed: {vox['codec']} level {vox['level']}, "
                          f"{human_bytes(vox['stored_bytes_per_origin'] or 0)} per origin on disk "
                          f"({vox['compression_ratio']}x smaller)")

@@ -104,3 +104,23 @@ class RandomCubeRotation:
 
         rotations = torch.randint(0, N_CUBE_ROTATIONS, (images.shape[0],), generator=self.generator)
         return rotate_batch(images, rotations)
+
+
+# The 6 face directions of the neighbor-location task, in the order macromol_gym_pretrain's
+# ``cube_faces()`` uses (label 0..5 = -y, +y, -x, +x, +z, -z of the image axes (x, y, z)), so a
+# model trained on either data says the same thing by the same label.
+FACE_DIRECTIONS = np.array([[0, -1, 0], [0, 1, 0], [-1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, -1]], np.int64)
+
+
+def _turning() -> np.ndarray:
+    """(6 directions, 6 faces, 4) cube rotations k with CUBE_ROTATION_MATRICES[k] @ direction = face."""
+    table = np.empty((6, 6, 4), np.int64)
+    for d, direction in enumerate(FACE_DIRECTIONS):
+        for f, face in enumerate(FACE_DIRECTIONS):
+            hits = [k for k in range(N_CUBE_ROTATIONS) if np.array_equal(CUBE_ROTATION_MATRICES[k] @ direction, face)]
+            assert len(hits) == 4
+            table[d, f] = hits
+    return table
+
+
+TURNING = _turning()
