@@ -93,3 +93,38 @@ def test_pairs_need_a_lattice_cache(lattice_factory):
         NeighborPairs(lattice_factory(layout="origins"))
     assert len(NeighborPairs(lattice_factory(), distance_voxels=15, overlap_voxels=6)) > 0
     assert fmt.read_attrs(lattice_factory()).params.layout == "lattice"
+
+
+def test_stream_sampler_epochs_draw_new_samples_and_cover_evenly(lattice):
+    from cache_tools.read.lightning import StreamSampler
+
+    pairs = NeighborPairs(lattice)
+    n = len(pairs)
+    sampler = StreamSampler(pairs, epoch_size=30, seed=2)
+    epochs = []
+    for epoch in range(2 * n // 30 + 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+        assert len(epochs[-1]) == len(sampler) == 30
+    assert int(pairs._epoch) == epoch  # the dataset follows the sampler's epoch
+    assert epochs[0] != epochs[1]
+    counts = np.bincount(np.concatenate(epochs)[:2 * n], minlength=n)
+    assert counts.min() == counts.max() == 2  # two whole passes, each a permutation
+    halves = [StreamSampler(pairs, 30, num_replicas=2, rank=r, seed=2) for r in (0, 1)]
+    assert sorted(list(halves[0]) + list(halves[1])) == sorted(epochs[0])
+
+
+def test_datamodule_serves_pairs_with_an_epoch_size(lattice):
+    from cache_tools import VoxelCacheDataModule
+
+    dm = VoxelCacheDataModule(lattice, val_cache=lattice, neighbor_pairs={"noise_voxels": 1}, grid_voxels=15,
+                              jitter_voxels=3, epoch_size=0.5, batch_size=8)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataset, NeighborPairs) and dm.train_dataset.noise_voxels == 1
+    assert dm.val_dataset.noise_voxels == 0 and dm.val_dataset.jitter_voxels == 0
+    loader = dm.train_dataloader()
+    assert len(loader.sampler) == round(0.5 * len(dm.train_dataset))
+    batch = next(iter(loader))
+    assert batch["image"].shape == (8, 2, 4, 15, 15, 15) and batch["label"].shape == (8,)
+    with pytest.raises(ValueError, match="epoch_size: a positive number"):
+        VoxelCacheDataModule(lattice, epoch_size=0)

@@ -48,3 +48,16 @@ def test_pdb_estimate(cache_factory):
     assert proc.returncode == 0, proc.stderr
     assert "| float32 |" in proc.stdout and "core-hours" in proc.stdout
     assert "measured at load average" in proc.stdout  # the figure depends on load: say it
+
+
+def test_train_neighbors_fits_pairs_in_one_command(lattice_factory):
+    cache = lattice_factory()
+    proc = subprocess.run([sys.executable, str(WORKFLOWS / "train_neighbors.py"), "--cache", str(cache),
+                           "--epochs", "2", "--epoch-size", "64", "--batch-size", "16", "--limit-val-batches", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 epochs of 64 pairs" in proc.stdout and "validation accuracy per epoch" in proc.stdout
+    assert "validating on pairs of the training data drawn with another seed" in proc.stderr
+    origins = subprocess.run([sys.executable, str(WORKFLOWS / "train_neighbors.py"), "--cache",
+                              str(lattice_factory(layout="origins"))], capture_output=True, text=True, timeout=120)
+    assert origins.returncode == 2 and origins.stderr.strip().endswith("--layout lattice`")

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import numpy as np
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from cache_tools.read.batch import batch_collate
 from cache_tools.read.dataset import VoxelCacheDataset
@@ -50,6 +51,39 @@ class EpochSampler(DistributedSampler):
             self.dataset.set_epoch(epoch)
 
 
+class StreamSampler(Sampler[int]):
+    """``epoch_size`` indices an epoch, read off an endless stream of shuffled passes over the
+    dataset: epoch e takes stream positions [e * size, (e + 1) * size), so successive epochs
+    see new samples and every sample is drawn as often as any other in the long run (the
+    infinite samplers of macromol_gym); each DDP rank takes every ``num_replicas``-th position.
+    ``set_epoch`` also moves the dataset's epoch (rotations, jitter, pairs)."""
+
+    def __init__(self, dataset, epoch_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        self.dataset, self.n = dataset, len(dataset)
+        self.per_rank = -(-int(epoch_size) // num_replicas)
+        self.num_replicas, self.rank, self.shuffle, self.seed = num_replicas, rank, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        total = self.per_rank * self.num_replicas
+        positions = np.arange(self.epoch * total, (self.epoch + 1) * total)[self.rank::self.num_replicas]
+        passes, offsets = np.divmod(positions, self.n)
+        out = np.empty(len(positions), np.int64)
+        for k in np.unique(passes).tolist():
+            order = np.random.default_rng([self.seed, k]).permutation(self.n) if self.shuffle else np.arange(self.n)
+            out[passes == k] = order[offsets[passes == k]]
+        return iter(out.tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 class VoxelCacheDataModule(L.LightningDataModule):
     """Train and validation loaders over a voxel cache.
 
@@ -58,6 +92,13 @@ class VoxelCacheDataModule(L.LightningDataModule):
     small cache, e.g. built from a hand-verified ``--origins val.csv``; ``val_split``
     and ``val_subset`` then apply to it), else split ``val_split`` of ``cache``; with
     neither, ``"val"`` when the cache has that split, otherwise no validation.
+
+    Lattice caches: ``grid_voxels`` (any view size) and ``jitter_voxels`` (training only), and
+    ``neighbor_pairs=True`` (or a dict of :class:`NeighborPairs` options; validation without
+    noise) for the neighbor-location task instead of single images. ``epoch_size`` (an int, or
+    a float: that fraction of the training selection) makes a training epoch that many samples
+    off an endless stream of shuffled passes (:class:`StreamSampler`); validation always reads
+    its whole selection.
 
     Pass-through: ``batch_size`` (``val_batch_size`` defaults to it), ``num_workers``,
     ``pin_memory``, ``drop_last`` (training only), ``persistent_workers`` (default:
@@ -72,7 +113,9 @@ class VoxelCacheDataModule(L.LightningDataModule):
                  num_workers: int = 0, pin_memory: bool = False, drop_last: bool = True,
                  persistent_workers: bool | None = None, shuffle: bool = True, rotate: bool = True,
                  seed: int = 0, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 prefetch: bool | None = None, dataset_kwargs: dict[str, Any] | None = None) -> None:
+                 prefetch: bool | None = None, dataset_kwargs: dict[str, Any] | None = None,
+                 grid_voxels: int | None = None, jitter_voxels: int = 0,
+                 neighbor_pairs: bool | dict[str, Any] = False, epoch_size: int | float | None = None) -> None:
         super().__init__()
         self.cache, self.split, self.subset = cache, split, subset
         self.val_cache, self.val_split, self.val_subset = val_cache, val_split, val_subset
@@ -82,17 +125,35 @@ class VoxelCacheDataModule(L.LightningDataModule):
         self.shuffle, self.rotate, self.seed = shuffle, rotate, seed
         self.transform, self.prefetch = transform, prefetch
         self.dataset_kwargs = dataset_kwargs or {}
+        self.grid_voxels, self.jitter_voxels = grid_voxels, jitter_voxels
+        self.neighbor_pairs = {} if neighbor_pairs is True else (neighbor_pairs or None)
+        if epoch_size is not None and (isinstance(epoch_size, bool) or not isinstance(epoch_size, (int, float))
+                                       or epoch_size <= 0 or (isinstance(epoch_size, float) and epoch_size > 1000)):
+            raise ValueError(f"epoch_size: a positive number of samples, or a fraction of the split, got {epoch_size!r}")
+        self.epoch_size = epoch_size
         self.train_dataset: VoxelCacheDataset | None = None
         self.val_dataset: VoxelCacheDataset | None = None
 
-    def _dataset(self, cache, split, subset, rotate: bool) -> VoxelCacheDataset:
-        return VoxelCacheDataset(cache, split=split, subset=subset, rotate=rotate, seed=self.seed,
-                                 transform=self.transform, pin_memory=self.pin_memory,
-                                 prefetch=self.prefetch, **self.dataset_kwargs)
+    def _dataset(self, cache, split, subset, rotate: bool, train: bool = False) -> VoxelCacheDataset:
+        views = {}
+        if self.grid_voxels is not None:
+            views["grid_voxels"] = self.grid_voxels
+        if train and self.jitter_voxels:
+            views["jitter_voxels"] = self.jitter_voxels
+        kwargs = dict(split=split, subset=subset, seed=self.seed, transform=self.transform, pin_memory=self.pin_memory,
+                      prefetch=self.prefetch, **views, **self.dataset_kwargs)
+        if self.neighbor_pairs is not None:
+            from cache_tools.read.pairs import NeighborPairs
+
+            pairs = dict(self.neighbor_pairs)
+            if not train:
+                pairs["noise_voxels"] = 0
+            return NeighborPairs(cache, rotate=rotate or not train, **pairs, **kwargs)
+        return VoxelCacheDataset(cache, rotate=rotate, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
-            self.train_dataset = self._dataset(self.cache, self.split, self.subset, self.rotate)
+            self.train_dataset = self._dataset(self.cache, self.split, self.subset, self.rotate, train=True)
         if self.val_dataset is None:
             if self.val_cache is not None:
                 self.val_dataset = self._dataset(self.val_cache, self.val_split, self.val_subset, False)
@@ -108,16 +169,21 @@ class VoxelCacheDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: VoxelCacheDataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: VoxelCacheDataset, batch_size: int, shuffle: bool, drop_last: bool,
+                train: bool = False) -> DataLoader:
         world, rank = self._replicas()
-        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        if train and self.epoch_size is not None:
+            size = self.epoch_size if isinstance(self.epoch_size, int) else max(1, round(self.epoch_size * len(dataset)))
+            sampler = StreamSampler(dataset, size, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        else:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=batch_collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, self.shuffle, self.drop_last)
+        return self._loader(self.train_dataset, self.batch_size, self.shuffle, self.drop_last, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
