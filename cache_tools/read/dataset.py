@@ -144,6 +144,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.normalize_mean, self.normalize_std = normalize_mean, normalize_std
         self._a, self._b = _affine(self.scale if dequantize else 1.0, len(self.channels),
                                    normalize_mean, normalize_std, dequantize)
+        self._scale_out = float(self._a[0]) if self._a is not None else 1.0  # the plain path's one scale
         self.selection = Selection.of(self.root, attrs, split, subset, structures)
         self.reader.warm(self.image_dtype)  # here, not in each DataLoader worker
         self.transform = transform
@@ -288,6 +289,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                          np.array([cube], np.int64), self._a, self._b)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if type(index) is int and self._plain and -self._len <= index < self._len:
+            return self._plain_item(index % self._len)  # the common case, in as little Python as it takes
         scalar = _scalar_index(index)
         if scalar is None:  # a slice or a list of indices: a ready batch
             if isinstance(index, slice):
@@ -310,6 +313,26 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 "structure_index": int(state.structure_index[origin]),
                 "center_A": torch.from_numpy(state.center[origin].copy()),
                 "rotation": rotation, "cube_rotation": cube}
+
+    @property
+    def _plain(self) -> bool:
+        """ds[i] is the stored image of origin i, dequantized: the whole cache, no augmentation."""
+        plain = self.__dict__.get("_plain_cached")
+        if plain is None:
+            plain = self._plain_cached = (self._all and not self.lattice and not self.rotate and self.n_rotations == 1
+                                          and not self.prefetch and not self.verify and self.transform is None
+                                          and self._b is None)
+        return plain
+
+    def _plain_item(self, origin: int) -> dict[str, Any]:
+        state = self._state
+        if state is None or state.pid != os.getpid():
+            state = self._open()
+        out = np.empty(self.layout.image_shape, self.image_dtype)
+        self.reader.read_into(origin, out, self._scale_out)
+        return {"image": torch.from_numpy(out), "origin_id": origin,
+                "structure_index": int(state.structure_index[origin]),
+                "center_A": torch.from_numpy(state.center[origin].copy()), "rotation": 0, "cube_rotation": 0}
 
     def __getitems__(self, indices: list[int]) -> "SampleBatch":
         """A whole batch in one buffer: PyTorch's batched-fetch hook.

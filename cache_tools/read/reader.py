@@ -86,6 +86,7 @@ class _Local:
     data_end: np.ndarray = None        # (max_maps,) int64: where the shard's index starts
     last_used: np.ndarray = None       # (max_maps,) int64
     holders: list = None               # per slot: the mmap / _Descriptor keeping it open
+    images: list = None                # per slot, uncompressed: the shard's origins as an array (views)
     retired: list = field(default_factory=list)  # pushed out while a call was reading: freed after it
     calls: int = 0                     # kernel calls in flight (holders retire only when none)
     tick: int = 0
@@ -103,6 +104,7 @@ class _Local:
         self.data_end = np.zeros(self.max_maps, np.int64)
         self.last_used = np.zeros(self.max_maps, np.int64)
         self.holders = [None] * self.max_maps
+        self.images = [None] * self.max_maps
 
     def thread(self) -> _Thread:
         scratch = getattr(self.threads, "scratch", None)
@@ -145,14 +147,19 @@ class ShardReader:
 
     # --- slots -------------------------------------------------------------------------------
 
-    def _slots(self, local: _Local, shards: np.ndarray, first_origin: np.ndarray) -> np.ndarray:
+    def _slots(self, local: _Local, shards: np.ndarray, first_origin: np.ndarray,
+               keep: np.ndarray | None = None) -> np.ndarray:
         """Slots of ``shards`` (unique, at most max_maps), opening those not open; ``local.lock`` held.
-        ``first_origin``: an origin of each shard, to name it in errors."""
+        ``first_origin``: an origin of each shard, to name it in errors; ``keep``: slots the
+        caller also uses (never given to another shard now)."""
         slots = local.slot_of_shard[shards]
         missing = np.flatnonzero(slots < 0)
         if len(missing):
-            keep = np.zeros(local.max_maps, bool)
-            keep[slots[slots >= 0]] = True
+            keep_mask = np.zeros(local.max_maps, bool)
+            keep_mask[slots[slots >= 0]] = True
+            if keep is not None:
+                keep_mask[keep] = True
+            keep = keep_mask
             free = np.flatnonzero(local.shard_of_slot < 0)
             evictable = np.flatnonzero((local.shard_of_slot >= 0) & ~keep)
             victims = np.concatenate([free, evictable[np.argsort(local.last_used[evictable], kind="stable")]])
@@ -181,18 +188,22 @@ class ShardReader:
                     size = os.fstat(fh.fileno()).st_size
                     holder = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if size else None
         except FileNotFoundError:
-            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            local.shard_of_slot[slot], local.holders[slot], local.images[slot] = -1, None, None
             raise fmt.CacheError(f"{self._where(origin)} is missing") from None
         data_end = size - layout.index_nbytes
         if layout.codec is not None and data_end < 0:
-            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            local.shard_of_slot[slot], local.holders[slot], local.images[slot] = -1, None, None
             raise fmt.CacheError(f"{self._where(origin)}: {size} bytes, too short for its {layout.index_nbytes}-byte "
                                  "shard index (damaged cache; run cache-tools check)")
         if layout.codec is None and size != layout.shard_nbytes(shard):
-            local.shard_of_slot[slot], local.holders[slot] = -1, None
+            local.shard_of_slot[slot], local.holders[slot], local.images[slot] = -1, None, None
             raise fmt.CacheError(f"{self._where(origin)} is truncated or damaged ({size} bytes, expected "
                                  f"{layout.shard_nbytes(shard)})")
         local.holders[slot] = holder
+        if layout.codec is None:
+            count = layout.origins_in_shard(shard)
+            local.images[slot] = np.frombuffer(holder, layout.dtype, count=count * layout.origin_nbytes //
+                                               layout.dtype.itemsize).reshape(count, *layout.image_shape)
         local.shard_of_slot[slot], local.slot_of_shard[shard] = shard, slot
         local.data_end[slot] = data_end
         if layout.codec is not None:
@@ -208,20 +219,25 @@ class ShardReader:
 
     # --- one origin --------------------------------------------------------------------------
 
-    def _holder(self, local: _Local, origin: int):
-        """(holder, where its index starts) of the origin's shard, opened if need be: the
-        per-item path (an array lookup when the shard is open)."""
+    def _slot(self, local: _Local, origin: int) -> int:
+        """The slot of the origin's shard, opened if need be: the per-item path (an array
+        lookup when the shard is open). The caller takes what it needs from the slot at once."""
         shard = origin // self.layout.origins_per_shard
         slot = int(local.slot_of_shard[shard])
-        if slot >= 0:
+        if slot < 0:
+            with local.lock:
+                return int(self._slots(local, np.array([shard]), np.array([origin]))[0])
+        local.tick += 1
+        local.last_used[slot] = local.tick
+        return slot
+
+    def _holder(self, local: _Local, origin: int):
+        """(holder, where its index starts) of the origin's shard."""
+        while True:
+            slot = self._slot(local, origin)
             holder, end = local.holders[slot], int(local.data_end[slot])
-            if local.shard_of_slot[slot] == shard:  # not replaced by another thread meanwhile
-                local.tick += 1
-                local.last_used[slot] = local.tick
+            if local.shard_of_slot[slot] == origin // self.layout.origins_per_shard:  # not replaced meanwhile
                 return holder, end
-        with local.lock:
-            slot = int(self._slots(local, np.array([shard]), np.array([origin]))[0])
-            return local.holders[slot], int(local.data_end[slot])
 
     def _decode_one(self, local: _Local, origin: int, out: np.ndarray) -> None:
         """A compressed origin decoded into ``out`` (C-contiguous, its stored bytes' size):
@@ -257,10 +273,12 @@ class ShardReader:
         """
         layout, local = self.layout, self._local()
         if layout.codec is None:
-            holder, _ = self._holder(local, origin)
-            j = origin % layout.origins_per_shard
-            stored = np.frombuffer(holder, layout.dtype, count=layout.origin_nbytes // layout.dtype.itemsize,
-                                   offset=j * layout.origin_nbytes).reshape(layout.image_shape)
+            while True:
+                slot = self._slot(local, origin)
+                images = local.images[slot]
+                if local.shard_of_slot[slot] == origin // layout.origins_per_shard:  # not replaced meanwhile
+                    break
+            stored = images[origin % layout.origins_per_shard]
         else:
             stored = self._stage(local.thread(), 1)[0].view(layout.dtype).reshape(layout.image_shape)
             self._decode_one(local, origin, stored)
@@ -302,16 +320,25 @@ class ShardReader:
             if scratch.frame.size == 0:  # a frame is at most ZSTD_compressBound(an image)
                 scratch.frame = np.empty(layout.origin_nbytes + (layout.origin_nbytes >> 7) + 1024, np.uint8)
         shards, rows = np.divmod(origins, layout.origins_per_shard)
-        for part in _runs_of_shards(shards, local.max_maps):
-            unique, inverse = np.unique(shards[part], return_inverse=True)
-            with local.lock:
-                slots = self._slots(local, unique, origins[part][np.unique(inverse, return_index=True)[1]])
-                base, fd, end = local.base[slots], local.fd[slots], local.data_end[slots]
+        parts = [slice(0, len(origins))] if len(origins) <= local.max_maps else _runs_of_shards(shards, local.max_maps)
+        for part in parts:
+            with local.lock:  # slots found with array lookups; only a shard not open yet costs Python
+                slots = local.slot_of_shard[shards[part]]
+                missing = slots < 0
+                if missing.any():
+                    unique, first = np.unique(shards[part][missing], return_index=True)
+                    self._slots(local, unique, origins[part][missing][first], keep=slots[~missing])
+                    slots = local.slot_of_shard[shards[part]]
+                local.tick += 1
+                local.last_used[slots] = local.tick
+                # the tables as they are now: another thread may give a slot to another shard meanwhile
+                base, fd, end = local.base.copy(), local.fd.copy(), local.data_end.copy()
                 local.calls += 1
-            status = np.empty(len(inverse), np.int64)
-            detail = np.zeros(len(inverse), np.uint64)
+            n = len(slots)
+            status = np.empty(n, np.int64)
+            detail = np.zeros(n, np.uint64)
             try:
-                failed = kernel.read_origins(inverse.astype(np.int64), rows[part], base, fd, end, layout.origin_nbytes,
+                failed = kernel.read_origins(slots.astype(np.int64), rows[part], base, fd, end, layout.origin_nbytes,
                                              layout.codec is not None,
                                              scratch.dctx.address if scratch.dctx is not None else 0,
                                              scratch.frame, scratch.entry, dst[part], status, detail)
@@ -367,7 +394,8 @@ class ShardReader:
             self._finish(stage, out[lo:hi], None if which is None else which[lo:hi],
                          None if cube is None else cube[lo:hi], a, b)
 
-        threads = min(self.threads or default_threads(), max(1, n // 8))
+        # A plain raw batch is one memory copy: a second thread only adds its hand-over.
+        threads = 1 if plain and self.layout.codec is None else min(self.threads or default_threads(), max(1, n // 8))
         if threads <= 1:
             run(0, n)
             return
