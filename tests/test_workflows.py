@@ -61,3 +61,11 @@ def test_train_neighbors_fits_pairs_in_one_command(lattice_factory):
     origins = subprocess.run([sys.executable, str(WORKFLOWS / "train_neighbors.py"), "--cache",
                               str(lattice_factory(layout="origins"))], capture_output=True, text=True, timeout=120)
     assert origins.returncode == 2 and origins.stderr.strip().endswith("--layout lattice`")
+
+
+def test_pdb_estimate_of_a_lattice_cache(lattice_factory):
+    proc = subprocess.run([sys.executable, str(WORKFLOWS / "pdb_estimate.py"), str(lattice_factory()),
+                           "--entries", "230000"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "lattice layout (uint8, zstd" in ln)
+    assert "bytes/origin measured" in line and "GiB on disk for the PDB" in line

@@ -10,6 +10,8 @@ disk per dtype, build core-hours, and page cache for a fully resident cache.
 
     pipeline build-cache tests/data/mmcif --out sample.zarr
     python workflows/pdb_estimate.py sample.zarr
+    pipeline build-cache tests/data/mmcif --out lattice.zarr --layout lattice --dtype uint8
+    python workflows/pdb_estimate.py lattice.zarr        # the lattice layout's bytes and build cost
 
 The sample is 12 entries, so treat the result as an order of magnitude: the PDB's
 size distribution (many large cryo-EM assemblies) moves the mean, and
@@ -75,6 +77,55 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
     return _result(ranges, parse_s, (time.perf_counter() - t) / len(origins), cache, params)
 
 
+def measure_lattice(cache: str, sample_structures: int = 40) -> dict:
+    """A lattice cache's costs: its bytes per origin (blocks as stored, with the block maps) and
+    one core's seconds to parse a structure and to voxelize and encode (crc32, the codec) its
+    blocks as the build does, per origin."""
+    from pipeline.lattice import LatticeVoxelizer
+    from pipeline.parse import parse_atoms
+    from pipeline.voxelize import ImageSpec, Storage
+
+    params = fmt.read_attrs(cache).params
+    spec, storage = ImageSpec(**params.image.to_json()), Storage(params.storage.dtype, params.storage.uint8_max or 2.0)
+    layout = fmt.VoxelLayout(cache, fmt.BLOCKS)
+    compress = fmt.encoder(layout.codec)
+    ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
+    grid, block_map = fmt.read_array(cache, fmt.LATTICE_GRID), fmt.read_array(cache, fmt.LATTICE_MAP)
+    map_start = fmt.read_array(cache, fmt.LATTICE_MAP_START)
+    paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
+    copies = params.rotations
+    mats = fmt.read_array(cache, fmt.LATTICE_ROTATION) if copies > 1 else None
+    centers = fmt.read_array(cache, fmt.LATTICE_ROTATION_CENTER) if copies > 1 else None
+    measured = np.sort(np.random.default_rng(0).choice(len(ranges), size=min(sample_structures, len(ranges)),
+                                                       replace=False))
+    parse_s, work_s = [], 0.0
+    for k in measured.tolist():
+        t = time.perf_counter()
+        atoms = parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels])
+        parse_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for copy in range(copies):
+            lat = k * copies + copy
+            xyz = atoms.xyz if mats is None else fmt.copy_frame(atoms.xyz, mats[k, copy], centers[k], copy)
+            voxelizer = LatticeVoxelizer(xyz, atoms.channel, spec, storage, params.lattice.block_edge,
+                                         grid[lat, :3], grid[lat, 3:])
+            for stored, _, _ in voxelizer.blocks(fmt.storage_cells(block_map[map_start[lat]:map_start[lat + 1]])):
+                zlib.crc32(stored)
+                if compress is not None:
+                    compress(stored)
+        work_s += time.perf_counter() - t
+    n_origins = int(ranges[-1, 1])
+    maps = sum(fmt.read_array(cache, name).nbytes for name in
+               (fmt.LATTICE_MAP, fmt.LATTICE_GRID, fmt.LATTICE_MAP_START, fmt.LATTICE_BLOCK_START))
+    return {"structures": len(ranges), "origins": n_origins,
+            "origins_per_structure": float((ranges[:, 1] - ranges[:, 0]).mean()),
+            "parse_s_per_structure": float(np.mean(parse_s)),
+            "voxelize_s_per_origin": work_s / int(sum(ranges[k, 1] - ranges[k, 0] for k in measured)),
+            "bytes_per_origin": (fmt.voxels_nbytes(layout) + maps) / n_origins, "rotations": 1,
+            "dtype": params.storage.dtype, "codec": layout.codec.name if layout.codec else "none",
+            "load_average": os.getloadavg()[0]}
+
+
 def _result(ranges, parse_s, voxelize_s, cache, params) -> dict:
     per_origin_values = int(np.prod(fmt.VoxelLayout(cache).image_shape))
     n = int(ranges[-1, 1])
@@ -109,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("cache")
     p.add_argument("--entries", type=int, default=230_000)
     args = p.parse_args(argv)
-    m = measure(args.cache)
+    lattice = fmt.read_attrs(args.cache).params.layout == "lattice"
+    m = measure_lattice(args.cache) if lattice else measure(args.cache)
     n = args.entries * m["origins_per_structure"]
     core_h = args.entries * m["parse_s_per_structure"] / 3600 + n * m["voxelize_s_per_origin"] * m["rotations"] / 3600
     print(f"measured on {m['structures']} sample structures, {m['origins']} origins (one core):")
@@ -122,6 +174,11 @@ def main(argv=None) -> int:
           "plus reading the inputs)")
     print(f"                      measured at load average {m['load_average']:.1f} on {os.cpu_count()} cores: "
           "timings grow with machine load, so measure on an idle machine")
+    if lattice:
+        print(f"  lattice layout ({m['dtype']}, {m['codec']} blocks and block maps): {m['bytes_per_origin']:,.0f} "
+              f"bytes/origin measured, {human_bytes(n * m['bytes_per_origin'])} on disk for the PDB: the page cache "
+              "to hold it all, shared by every worker and job on a node")
+        return 0
     codec = f"{fmt.DEFAULT_COMPRESSION} {fmt.DEFAULT_COMPRESSION_LEVEL}"
     print(f"  on disk = page cache to hold it all; '{codec}' = --compression {fmt.DEFAULT_COMPRESSION} "
           f"--compression-level {fmt.DEFAULT_COMPRESSION_LEVEL}")
