@@ -78,6 +78,38 @@ def directions_covered(mats: np.ndarray, samples: int = 20000, seed: int = 0) ->
             "median_gap_deg": float(np.median(best))}
 
 
+def continuous_rotation_error(root: Path, count: int = 24) -> dict[str, float]:
+    """ContinuousRotation (trilinear resampling of a larger view) against voxelizing the rotated
+    atoms at the same centre, float32, random rotations: relative L1 error and correlation."""
+    import torch
+
+    from cache_tools import ContinuousRotation
+    from cache_tools.read.augment import random_rotations
+    from pipeline.parse import parse_atoms, parse_channels
+    from pipeline.voxelize import ImageSpec, rotate_about, voxelize
+
+    n = fmt.read_attrs(root).params.image.grid_voxels
+    augment = ContinuousRotation(n)
+    big = VoxelCacheDataset(root, grid_voxels=augment.source_voxels(n))
+    ids = np.random.default_rng(1).choice(len(big), count, replace=False).tolist()
+    batch = big[ids]
+    rotations = random_rotations(count, torch.Generator().manual_seed(2))
+    turned, _ = augment(batch["image"], rotations)
+    errors, correlations = [], []
+    paths = fmt.read_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH)
+    channels = [list(c) for c in fmt.read_attrs(root).params.channels]
+    for k in range(count):
+        atoms = parse_atoms(fmt.ragged_item(*paths, int(batch["structure_index"][k])), channels)
+        center = batch["center_A"][k].double().numpy()
+        want = voxelize(rotate_about(atoms.xyz, center, rotations[k].numpy()), atoms.channel, center,
+                        ImageSpec(n, 1.0, len(channels), 0.5))
+        got = turned[k].numpy()
+        errors.append(np.abs(got - want).sum() / np.abs(want).sum())
+        correlations.append(np.corrcoef(got.ravel(), want.ravel())[0, 1])
+    return {"relative_l1_error": round(float(np.median(errors)), 3),
+            "correlation": round(float(np.median(correlations)), 3), "views": count}
+
+
 def memory_of(dataset, workers: int = 2, epochs: int = 3, batch: int = 32, steps: int = 20) -> list[float]:
     """Each worker's private anonymous memory (MiB) at the end of every epoch and validation."""
     from cache_tools.profiler.phases import make_loaders, run_phases
@@ -160,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             "lattice views": memory_of(VoxelCacheDataset(caches["lattice zstd"], rotate=True, jitter_voxels=3)),
             "neighbor pairs": memory_of(NeighborPairs(caches["lattice zstd"], jitter_voxels=5)),
         }
+    results["continuous_rotation"] = continuous_rotation_error(work / "lattice_zstd_float32")
     results["directions"] = {}
     for k in (1, 6, 22):
         root = work / f"rot{k}"

@@ -24,6 +24,7 @@ _EXPORTS = {
     "batch_collate": "cache_tools.read.batch",
     "BlockShuffleSampler": "cache_tools.read.sampling",
     "RandomCubeRotation": "cache_tools.read.rotations",
+    "ContinuousRotation": "cache_tools.read.augment",
     "CacheError": "cache_tools.format",
     "CacheAttrs": "cache_tools.format",
     "read_attrs": "cache_tools.format",

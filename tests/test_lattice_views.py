@@ -162,3 +162,24 @@ def test_a_damaged_block_is_named_never_read_as_zeros(lattice_factory, tmp_path)
     proc = subprocess.run([sys.executable, "-c", code, str(root), str(int(ranges[0, 1]))], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "block 3" in proc.stderr and "CacheError" in proc.stderr
+
+
+def test_continuous_rotation_is_exact_for_cube_rotations_and_crops_in_place(lattice_factory):
+    from cache_tools import ContinuousRotation
+    from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, rotate_tensor
+
+    root = lattice_factory(dtype="float32", compression="none")
+    augment = ContinuousRotation(11)
+    big = VoxelCacheDataset(root, grid_voxels=augment.source_voxels(11))
+    small = VoxelCacheDataset(root, grid_voxels=11)
+    ids = [0, 9, 30]
+    views, plain = big[ids]["image"], small[ids]["image"]
+    for k in (0, 7, 19):
+        turned, rotations = augment(views, torch.from_numpy(CUBE_ROTATION_MATRICES[k]).double().expand(3, 3, 3))
+        want = torch.stack([rotate_tensor(image, k) for image in plain])
+        assert torch.allclose(turned, want, atol=1e-5), k  # trilinear at voxel centres: the voxels themselves
+    turned, rotations = augment(views)  # random: orthonormal, and the image keeps most of its mass
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), torch.eye(3).expand(3, 3, 3), atol=1e-5)
+    assert 0.5 < float(turned.sum() / plain.sum()) < 1.5
+    with pytest.raises(ValueError, match="views of 11 voxels are too small"):
+        augment(plain)
