@@ -38,6 +38,7 @@ A cache is a zarr v3 group (a directory)::
                                                       attrs.subsets[NAME] holds its expression
       structures/entry_id_utf8, entry_id_offsets   ragged PDB entry ids (mmCIF _entry.id,
                                      upper-cased); caches built before it: see entry_ids()
+      origin_sets/<NAME>/...         lattice caches: origin sets (format/lattice.py); attrs.origin_sets
     (attrs.metadata_crc32 holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
 
@@ -56,11 +57,12 @@ Every metadata array is a single uncompressed chunk, so it is one raw file too.
 from __future__ import annotations
 
 from cache_tools.format.attrs import (CacheAttrs, CacheParams, Compression, ImageParams, InputNote,
-                                      OriginsParams, StorageParams, SubsetRecord, VoxelizerParams,
+                                      OriginSetRecord, OriginsParams, StorageParams, SubsetRecord, VoxelizerParams,
                                       read_attrs, require_complete, update_attrs, write_attrs)
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, encoder, inner_codecs
 from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout's names)
-from cache_tools.format.lattice import LatticeParams, copy_frame, copy_offset, view_center, view_corner
+from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, origin_set_array, origin_set_dir,
+                                       snap_to_lattice, view_center, view_corner)
 from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, VoxelLayout, entry_problem,
                                        shard_file, sharded_array_metadata, voxels_array_metadata, voxels_nbytes)
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)

@@ -191,6 +191,41 @@ class SubsetRecord:
 
 
 @dataclass(frozen=True)
+class OriginSetRecord:
+    """How an origin set (``cache-tools origins``) was made, and its counts.
+
+    ``rule``: ``"file"`` (``path``, ``sha256`` of the CSV, ``rows`` read, ``empty``: origins whose
+    build-size view holds no atom) or ``"mass-count"`` (``min_neighbors``, ``neighbor_radius_A``,
+    ``min_spacing_A``, ``max_per_structure``, ``seed``; ``candidates``: lattice points that passed
+    the count before thinning). ``origins`` in ``structures`` (those with at least one).
+    """
+    rule: str
+    origins: int
+    structures: int
+    path: str | None = None
+    sha256: str | None = None
+    rows: int | None = None
+    empty: int | None = None
+    min_neighbors: int | None = None
+    neighbor_radius_A: float | None = None
+    min_spacing_A: float | None = None
+    max_per_structure: int | None = None
+    seed: int | None = None
+    candidates: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "OriginSetRecord":
+        known, extra = _known(cls, doc)
+        known.pop("extra", None)
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict:
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in doc.items() if v is not None}, **self.extra}
+
+
+@dataclass(frozen=True)
 class CacheAttrs:
     """The whole attribute record of a cache (see the module docstring)."""
     params: CacheParams
@@ -206,6 +241,7 @@ class CacheAttrs:
     splits: tuple[str, ...] = ()                        # names of the codes in structures/split
     split_params: dict | None = None
     subsets: dict = field(default_factory=dict)         # name -> SubsetRecord
+    origin_sets: dict = field(default_factory=dict)     # name -> OriginSetRecord (cache-tools origins)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -231,6 +267,7 @@ class CacheAttrs:
             splits=tuple(known.get("splits") or ()),
             split_params=known.get("split_params"),
             subsets={name: SubsetRecord(**s) for name, s in (known.get("subsets") or {}).items()},
+            origin_sets={name: OriginSetRecord.from_json(s) for name, s in (known.get("origin_sets") or {}).items()},
             extra=extra)
 
     def to_json(self) -> dict:
@@ -251,6 +288,8 @@ class CacheAttrs:
             doc["split_params"] = self.split_params
         if self.subsets:
             doc["subsets"] = {name: s.to_json() for name, s in self.subsets.items()}
+        if self.origin_sets:
+            doc["origin_sets"] = {name: s.to_json() for name, s in self.origin_sets.items()}
         return {**doc, **self.extra}
 
     def replace(self, **changes: Any) -> "CacheAttrs":

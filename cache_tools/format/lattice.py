@@ -27,12 +27,22 @@ Arrays, besides ``origins/*`` and ``structures/*`` as in the per-origin layout::
 
 Lattice ``s * K + r`` is copy ``r`` of structure ``s`` (K = 1: lattice ``s``). Blocks are
 stored lattice by lattice, each in block-map order, so a structure's blocks are contiguous.
+
+Origin sets (``cache-tools origins``), named sets of view centres chosen after the build, each
+in its own directory (``attrs.origin_sets[NAME]`` says how it was made)::
+
+    origin_sets/<NAME>/center_A         (K, 3) float32  centres (Å), on the build grid's lattice
+    origin_sets/<NAME>/structure_index  (K,)   int32    structure row of each; sorted
+    origin_sets/<NAME>/origin_range     (M, 2) int64    [start, stop) per structure (empty when the
+                                                        set has none there); tiling 0..K-1
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from cache_tools.format.names import check_name
 
 BLOCKS = "blocks"
 LATTICE_GRID = "lattice/grid"
@@ -45,6 +55,25 @@ LATTICE_ROTATION = "lattice/rotation"
 LATTICE_ROTATION_CENTER = "lattice/rotation_center_A"
 LATTICE_ARRAYS = (LATTICE_GRID, LATTICE_MAP_START, LATTICE_MAP, LATTICE_BLOCK_START, BLOCK_CRC32, BLOCK_FILL,
                   LATTICE_ROTATION, LATTICE_ROTATION_CENTER)
+
+ORIGIN_SETS_DIR = "origin_sets"
+ORIGIN_SET_CENTER = "center_A"
+ORIGIN_SET_STRUCTURE_INDEX = "structure_index"
+ORIGIN_SET_RANGE = "origin_range"
+ORIGIN_SET_PARTS = (ORIGIN_SET_CENTER, ORIGIN_SET_STRUCTURE_INDEX, ORIGIN_SET_RANGE)
+
+
+def origin_set_dir(name: str) -> str:
+    """Directory of origin set ``name`` (a plain word: it becomes a directory)."""
+    return f"{ORIGIN_SETS_DIR}/{check_name('origin set', name)}"
+
+
+def origin_set_array(name: str, part: str) -> str:
+    """Array name of one part (``ORIGIN_SET_PARTS``) of origin set ``name``."""
+    if part not in ORIGIN_SET_PARTS:
+        raise ValueError(f"origin set part {part!r}: one of {', '.join(ORIGIN_SET_PARTS)}")
+    return f"{origin_set_dir(name)}/{part}"
+
 
 LAYOUTS = ("origins", "lattice")
 DEFAULT_LAYOUT = "origins"
@@ -94,6 +123,20 @@ def view_corner(centers_A: np.ndarray, resolution_A: float, n: int) -> np.ndarra
     (as for the origins of a build whose grid has n's parity), else half a voxel above it."""
     twice = np.rint(2 * np.asarray(centers_A, np.float64) / resolution_A).astype(np.int64)
     return (twice - n + 1) // 2
+
+
+def lattice_point_offset(grid_voxels: int) -> float:
+    """Where a build's image centres sit relative to the lattice planes, in voxels: mid-voxel
+    (1/2) for an odd grid, on a plane (0) for an even one (pipeline/encode.py ``lattice_offset``)."""
+    return (grid_voxels % 2) / 2
+
+
+def snap_to_lattice(centers_A: np.ndarray, resolution_A: float, grid_voxels: int) -> np.ndarray:
+    """Each centre moved to the nearest centre a build of ``grid_voxels`` can have (at most
+    ``resolution_A / 2`` per axis), float32: the build's snapping of ``--origins`` rows."""
+    offset = lattice_point_offset(grid_voxels) * resolution_A
+    snapped = np.rint((np.asarray(centers_A, np.float64) - offset) / resolution_A) * resolution_A + offset
+    return snapped.astype(np.float32)
 
 
 def view_center(corners: np.ndarray, resolution_A: float, n: int) -> np.ndarray:

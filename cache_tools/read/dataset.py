@@ -27,7 +27,7 @@ from cache_tools.read.budget import memory_budget
 from cache_tools.read.lattice import LatticeReader
 from cache_tools.read.reader import ShardReader
 from cache_tools.read.batch import SampleBatch, batch_buffer
-from cache_tools.read.selection import Selection
+from cache_tools.read.selection import Selection, origin_arrays
 from cache_tools.read.views import LatticeGeometry, check_view_options, mix_array
 from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS
 
@@ -69,6 +69,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     ``subset=NAME`` keeps the structures of a subset stored by ``cache-tools subset``
     (selected by metadata); with ``split=`` too, the structures in both.
+    ``origins=NAME`` (lattice caches) reads the views at the centres of origin set NAME, stored by
+    ``cache-tools origins``, instead of the build's origins: ``len``, ``origin_id`` (then an index
+    into the set), ``center_A`` and the structure ranges all follow the set, and ``split``,
+    ``subset`` and ``structures`` still select structures (those the set has no origin in drop out).
     :meth:`structure_meta` gives a structure's recorded metadata.
 
     Indices and ids: what the dataset TAKES is local to its selection (a split and/or subset):
@@ -114,7 +118,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                  subset: str | None = None, max_maps: int | None = None, threads: int | None = None,
                  dequantize: bool = True, normalize_mean: Sequence[float] | None = None,
                  normalize_std: Sequence[float] | None = None, grid_voxels: int | None = None,
-                 jitter_voxels: int = 0):
+                 jitter_voxels: int = 0, origins: str | None = None):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
@@ -135,7 +139,10 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
             self.view_voxels = build_voxels
         self.jitter_voxels = jitter_voxels
-        self.n_origins = len(fmt.read_array(self.root, fmt.CENTER))
+        self.selection = Selection.of(self.root, attrs, split, subset, structures, origins)
+        self.origins = origins
+        self._center_array, self._index_array, _ = origin_arrays(self.root, origins)
+        self.n_origins = len(fmt.read_array(self.root, self._center_array))
         self.scale = attrs.scale
         self.dequantize = dequantize
         self.image_dtype = np.dtype(np.float32) if dequantize else self.layout.dtype
@@ -145,7 +152,6 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self._a, self._b = _affine(self.scale if dequantize else 1.0, len(self.channels),
                                    normalize_mean, normalize_std, dequantize)
         self._scale_out = float(self._a[0]) if self._a is not None else 1.0  # the plain path's one scale
-        self.selection = Selection.of(self.root, attrs, split, subset, structures)
         self.reader.warm(self.image_dtype)  # here, not in each DataLoader worker
         self.transform = transform
         self.rotate = rotate
@@ -161,8 +167,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
         self._len = self.n_origins if self._all else int(cumulative[-1])
-        if subset is not None and self._n_structures == 0:
-            raise fmt.CacheError(f"{self.root}: {self.selection.describe()} holds no structure")
+        if (subset is not None or origins is not None) and self._n_structures == 0:
+            raise fmt.CacheError(f"{self.root}: {self.selection.describe()} holds no "
+                                 + ("structure" if origins is None else "origin"))
 
     @property
     def split(self) -> str | None:
@@ -188,8 +195,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             # into the worker page by page (the copy-on-read growth of issue 13246).
             gc.freeze()
         root = self.root
-        self._state = _Local(os.getpid(), fmt.read_array(root, fmt.STRUCTURE_INDEX),
-                             fmt.read_array(root, fmt.CENTER),
+        self._state = _Local(os.getpid(), fmt.read_array(root, self._index_array),
+                             fmt.read_array(root, self._center_array),
                              None if self._all else self.selection.table())
         return self._state
 
@@ -232,7 +239,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         """
         origin = operator.index(origin_id)
         if not 0 <= origin < self.n_origins:
-            raise IndexError(f"origin id {origin} out of range for {self.n_origins} origins in the cache")
+            raise IndexError(f"origin id {origin} out of range for {self.n_origins} origins in the "
+                             + ("cache" if self.origins is None else f"origin set {self.origins!r}"))
         if self._all:
             return origin
         row = int(self._local().structure_index[origin])
@@ -510,7 +518,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         return state.ids
 
     def __repr__(self) -> str:
-        return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, subset={self.subset!r}, n={self._len}, "
+        return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, subset={self.subset!r}, "
+                f"origins={self.origins!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, items=float32, "
                 f"stored={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")

@@ -98,7 +98,10 @@ class VoxelCacheDataModule(L.LightningDataModule):
     noise) for the neighbor-location task instead of single images. ``epoch_size`` (an int, or
     a float: that fraction of the training selection) makes a training epoch that many samples
     off an endless stream of shuffled passes (:class:`StreamSampler`); validation always reads
-    its whole selection.
+    its whole selection. ``origins=NAME`` reads the views at a stored origin set (``cache-tools
+    origins``) instead of the build's origins, in training and in validation on ``cache``;
+    ``val_origins`` names another set for validation (needed with a ``val_cache`` that has sets:
+    ``origins`` names a set of ``cache``, so it does not apply to ``val_cache``).
 
     Pass-through: ``batch_size`` (``val_batch_size`` defaults to it), ``num_workers``,
     ``pin_memory``, ``drop_last`` (training only), ``persistent_workers`` (default:
@@ -115,7 +118,8 @@ class VoxelCacheDataModule(L.LightningDataModule):
                  seed: int = 0, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  prefetch: bool | None = None, dataset_kwargs: dict[str, Any] | None = None,
                  grid_voxels: int | None = None, jitter_voxels: int = 0,
-                 neighbor_pairs: bool | dict[str, Any] = False, epoch_size: int | float | None = None) -> None:
+                 neighbor_pairs: bool | dict[str, Any] = False, epoch_size: int | float | None = None,
+                 origins: str | None = None, val_origins: str | None = None) -> None:
         super().__init__()
         self.cache, self.split, self.subset = cache, split, subset
         self.val_cache, self.val_split, self.val_subset = val_cache, val_split, val_subset
@@ -131,11 +135,13 @@ class VoxelCacheDataModule(L.LightningDataModule):
                                        or epoch_size <= 0 or (isinstance(epoch_size, float) and epoch_size > 1000)):
             raise ValueError(f"epoch_size: a positive number of samples, or a fraction of the split, got {epoch_size!r}")
         self.epoch_size = epoch_size
+        self.origins, self.val_origins = origins, val_origins
         self.train_dataset: VoxelCacheDataset | None = None
         self.val_dataset: VoxelCacheDataset | None = None
 
-    def _dataset(self, cache, split, subset, rotate: bool, train: bool = False) -> VoxelCacheDataset:
-        views = {}
+    def _dataset(self, cache, split, subset, rotate: bool, train: bool = False,
+                 origins: str | None = None) -> VoxelCacheDataset:
+        views = {} if origins is None else {"origins": origins}
         if self.grid_voxels is not None:
             views["grid_voxels"] = self.grid_voxels
         if train and self.jitter_voxels:
@@ -153,17 +159,20 @@ class VoxelCacheDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
-            self.train_dataset = self._dataset(self.cache, self.split, self.subset, self.rotate, train=True)
+            self.train_dataset = self._dataset(self.cache, self.split, self.subset, self.rotate, train=True,
+                                               origins=self.origins)
         if self.val_dataset is None:
             if self.val_cache is not None:
-                self.val_dataset = self._dataset(self.val_cache, self.val_split, self.val_subset, False)
+                self.val_dataset = self._dataset(self.val_cache, self.val_split, self.val_subset, False,
+                                                 origins=self.val_origins)
             else:
                 from cache_tools import format as fmt
                 val_split = self.val_split
                 if val_split is None and "val" in fmt.read_attrs(self.cache).splits:
                     val_split = "val"
                 if val_split is not None:
-                    self.val_dataset = self._dataset(self.cache, val_split, self.val_subset, False)
+                    self.val_dataset = self._dataset(self.cache, val_split, self.val_subset, False,
+                                                     origins=self.val_origins or self.origins)
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer

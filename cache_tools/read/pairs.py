@@ -35,7 +35,8 @@ class NeighborPairs(VoxelCacheDataset):
     ``noise_voxels`` (neighbor only); the home is jittered by up to ``jitter_voxels`` per axis
     around the origin (5 Å at 1 Å voxels is their "zone" cube). ``overlap_voxels``: how far
     the two views may overlap along the direction (0: never). ``rotate=False`` keeps the lattice
-    axes (the label is then the direction itself). Other arguments as VoxelCacheDataset.
+    axes (the label is then the direction itself). Other arguments as VoxelCacheDataset, ``origins=NAME``
+    included: homes at the centres of a stored origin set (``cache-tools origins``).
 
     ``rotation_matrix(sample) @ (center_A[1] - center_A[0])`` points along
     ``FACE_DIRECTIONS[label]`` (without ``--rotations``: ``CUBE_ROTATION_MATRICES[cube_rotation]``).
@@ -194,7 +195,8 @@ class NeighborPairs(VoxelCacheDataset):
         return super().rotation_matrix(sample)
 
     def __repr__(self) -> str:
-        return (f"NeighborPairs({self.root!r}, n={self._len}, view={self.view_voxels}, distance={self.distance_voxels}, "
+        return (f"NeighborPairs({self.root!r}, origins={self.origins!r}, n={self._len}, view={self.view_voxels}, "
+                f"distance={self.distance_voxels}, "
                 f"noise={self.noise_voxels}, jitter={self.jitter_voxels}, min_neighbor_fill={self.min_neighbor_fill}, "
                 f"rotate={self.rotate})")
 

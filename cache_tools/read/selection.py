@@ -1,8 +1,11 @@
 """Which structures a dataset holds: the whole cache, a stored split, a stored subset, rows
-given in memory, or the intersection of those.
+given in memory, or the intersection of those; and which origins: the build's, or a stored
+origin set (``cache-tools origins``, lattice caches only).
 
 A selection is one sorted array of global structure rows; everything local to a dataset
 (sample indices, structure positions) derives from it through :meth:`Selection.table`.
+With an origin set, origin ids index the set, the structures it has no origin in drop out,
+and each structure's origins are its range in the set.
 It is small and picklable (the names, plus the in-memory rows if any); the arrays it
 reads are memory-mapped where they are used.
 """
@@ -26,6 +29,40 @@ def subset_rows(root: str | os.PathLike, name: str, attrs: fmt.CacheAttrs | None
     return fmt.read_array(root, fmt.subset_array(name))
 
 
+def origin_set_array(root: str | os.PathLike, name: str, part: str, attrs: fmt.CacheAttrs | None = None) -> np.ndarray:
+    """One array of origin set ``name`` (memory-mapped), or a CacheError naming the stored sets."""
+    attrs = fmt.read_attrs(root) if attrs is None else attrs
+    if name not in attrs.origin_sets:
+        raise fmt.CacheError(f"{root}: no origin set named {name!r} (available: "
+                             f"{', '.join(attrs.origin_sets) or 'none; run `cache-tools origins`'})")
+    return fmt.read_array(root, fmt.origin_set_array(name, part))
+
+
+def origin_arrays(root: str | os.PathLike, origins: str | None) -> tuple[str, str, str]:
+    """(centres, structure index, per-structure origin ranges) array names of the build's origins
+    (``origins=None``) or of origin set ``origins``."""
+    if origins is None:
+        return fmt.CENTER, fmt.STRUCTURE_INDEX, fmt.STRUCTURE_ORIGIN_RANGE
+    return tuple(fmt.origin_set_array(origins, part) for part in fmt.ORIGIN_SET_PARTS)
+
+
+def check_origin_set(root: str | os.PathLike, attrs: fmt.CacheAttrs, name: str) -> None:
+    """CacheError unless origin set ``name`` can be used here: a lattice cache (views are cut at
+    training time, anywhere) that holds a set of that name, with arrays of consistent shapes."""
+    if attrs.params.lattice is None:
+        raise fmt.CacheError(f"{root}: origins={name!r}: origin sets need views cut at training time, and this "
+                             f"cache stores one {attrs.params.image.grid_voxels}³ image per origin (views cannot "
+                             "be cut there); build it with `pipeline build-cache --layout lattice`")
+    centers = origin_set_array(root, name, fmt.ORIGIN_SET_CENTER, attrs)
+    index = fmt.read_array(root, fmt.origin_set_array(name, fmt.ORIGIN_SET_STRUCTURE_INDEX))
+    ranges = fmt.read_array(root, fmt.origin_set_array(name, fmt.ORIGIN_SET_RANGE))
+    n_rows = len(fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE))
+    if centers.shape != (len(index), 3) or ranges.shape != (n_rows, 2) or \
+            (n_rows and (ranges[0, 0] != 0 or ranges[-1, 1] != len(index))):
+        raise fmt.CacheError(f"{root}: origin set {name!r} is damaged (its arrays disagree: {len(centers)} centres, "
+                             f"{len(index)} structure indices, ranges {ranges.shape}); run cache-tools check")
+
+
 @dataclass(frozen=True)
 class Selection:
     root: str
@@ -33,10 +70,11 @@ class Selection:
     subset: str | None = None
     structures: np.ndarray | None = None  # sorted unique global rows kept in memory, or None
     split_code: int | None = None
+    origins: str | None = None            # an origin set's name, or None: the build's origins
 
     @classmethod
     def of(cls, root: str, attrs: fmt.CacheAttrs, split: str | None = None, subset: str | None = None,
-           structures: Sequence[int] | np.ndarray | None = None) -> "Selection":
+           structures: Sequence[int] | np.ndarray | None = None, origins: str | None = None) -> "Selection":
         """Check the names and rows against the cache (CacheError / IndexError naming them)."""
         rows = None
         if structures is not None:
@@ -53,7 +91,9 @@ class Selection:
             code = attrs.splits.index(split)
         if subset is not None:
             subset_rows(root, subset, attrs)  # raises CacheError naming the stored subsets
-        return cls(root, split, subset, rows, code)
+        if origins is not None:
+            check_origin_set(root, attrs, origins)  # CacheError naming the stored sets
+        return cls(root, split, subset, rows, code, origins)
 
     @property
     def selective(self) -> bool:
@@ -68,12 +108,19 @@ class Selection:
             rows = rows[codes[rows] == self.split_code]
         if self.subset is not None:
             rows = np.intersect1d(rows, subset_rows(self.root, self.subset), assume_unique=True)
+        if self.origins is not None:  # structures the set has no origin in hold no sample
+            ranges = self.origin_ranges()[rows]
+            rows = rows[ranges[:, 1] > ranges[:, 0]]
         return rows
+
+    def origin_ranges(self) -> np.ndarray:
+        """(M, 2) [start, stop) origin ids of every structure: the build's, or the origin set's."""
+        return fmt.read_array(self.root, origin_arrays(self.root, self.origins)[2])
 
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(selected rows, first origin id of each, cumulative origin counts with a leading 0)."""
         rows = self.rows()
-        ranges = fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE)[rows]
+        ranges = self.origin_ranges()[rows]
         cumulative = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(ranges[:, 1] - ranges[:, 0], out=cumulative[1:])
         return rows, np.ascontiguousarray(ranges[:, 0]), cumulative
@@ -83,4 +130,5 @@ class Selection:
         parts = ([f"split {self.split!r}"] if self.split is not None else []) + \
                 ([f"subset {self.subset!r}"] if self.subset is not None else []) + \
                 (["the selected structures"] if self.structures is not None else [])
-        return " and ".join(parts) or "the cache"
+        where = " and ".join(parts) or "the cache"
+        return where if self.origins is None else f"{where} (origin set {self.origins!r})"
