@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("cache_tools.commands.check", "verify a cache: completeness, checksums, values, staleness"),
     "split": ("cache_tools.commands.split", "assign structures to train/val/test splits stored in the cache"),
     "subset": ("cache_tools.commands.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
+    "origins": ("cache_tools.commands.origins", "store named sets of view centres in a lattice cache: from a CSV, "
+                "or by the neighbour-count rule on the stored voxels"),
     "show": ("cache_tools.commands.show", "draw origins as max-intensity projections per channel: a contact sheet to check by eye"),
     "profile-memory": ("cache_tools.commands.profile_memory", "sample private/shared, anon/file memory of a process tree"),
 }

@@ -87,6 +87,8 @@ def cache_info(root: str | Path) -> dict:
             info["structure_meta"] = distributions(root)
         if attrs.subsets:
             info["subsets"] = {name: record.to_json() for name, record in attrs.subsets.items()}
+        if attrs.origin_sets:
+            info["origin_sets"] = {name: record.to_json() for name, record in attrs.origin_sets.items()}
     return info
 
 
@@ -173,6 +175,11 @@ def format_info(info: dict) -> str:
     for name, subset in info.get("subsets", {}).items():
         lines.append(f"  subset {name}: {subset['structures']} structures, {subset['origins']} origins "
                      f"where {subset['where']}")
+    if info.get("origin_sets"):
+        from cache_tools.commands.origins import describe
+
+        for name, record in info["origin_sets"].items():
+            lines.append(f"  origin set {name}: {describe(fmt.OriginSetRecord.from_json(record))}")
     lines.append(f"  on disk:    {human_bytes(info['bytes_on_disk'])}")
     build = info["build"]
     if build.get("finished"):
