@@ -231,6 +231,9 @@ def run_check(args) -> int:
     """``pipeline check``: the arguments of ``cache-tools check`` (``check.add_arguments``)."""
     progress, prog = not args.quiet, os.environ.get("VOXEL_CACHE_CALLER", "pipeline check")
     try:
+        if (args.spot_check or args.repair) and fmt.read_attrs(args.cache).params.lattice is not None:
+            raise UsageError(f"{args.cache}: {'--repair' if args.repair else '--spot-check'} does not handle lattice "
+                             "caches yet (a plain check verifies every block's checksum)")
         report = full_check(args.cache, args.sources, args.spot_check, args.seed, args.workers, progress)
         if args.repair and not report["ok"]:
             repaired = repair(args.cache, report, args.sources, progress)

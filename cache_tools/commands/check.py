@@ -12,6 +12,10 @@ Checks, in order (each problem is one line naming origin ids, structure and file
   dtype; a compressed origin is decoded first, which also checks its zstd frame and
   zstd's own content checksum), no NaN, inf or negative voxel, dtype and image shape
   as the attributes say;
+- a lattice cache (``--layout lattice``): its block shard files and every block's crc32 and
+  values instead, each problem naming the blocks, their structure and the file;
+- origin sets (``cache-tools origins``): arrays present, unchanged and consistent, a problem
+  naming the file and the command that recreates the set;
 - with ``--sources``: each structure's source still exists with the content hash it
   was built from (staleness);
 - with ``--spot-check N``: N random origins re-parsed and re-voxelized by the build's
@@ -41,7 +45,8 @@ from pathlib import Path
 
 from cache_tools import format as fmt
 from cache_tools.commands.options import non_negative_int, positive_int
-from cache_tools.commands.integrity import Cache, Problem, check_metadata, check_shard_files, check_voxels
+from cache_tools.commands.integrity import (Cache, Problem, check_metadata, check_origin_sets, check_shard_files,
+                                            check_voxels)
 
 # --- sources --------------------------------------------------------------------------
 
@@ -99,6 +104,14 @@ def inspect(root: str | os.PathLike, workers: int | None = None,
         return None, {**report, "problems": [incomplete.to_dict()], "ok": False}
     c = Cache(root, attrs)
     check_metadata(c)
+    check_origin_sets(c)
+    if c.lattice:  # every block instead of every origin's image
+        from cache_tools.commands.lattice_integrity import Blocks, check_block_files, check_blocks
+
+        blocks = Blocks(c)
+        readable = check_block_files(c, blocks)
+        report["bytes_checked"] = check_blocks(c, blocks, readable, workers or os.cpu_count() or 1, progress)
+        return c, report
     readable = check_shard_files(c)
     report["bytes_checked"] = check_voxels(c, readable, workers or os.cpu_count() or 1, progress)
     return c, report
@@ -106,7 +119,7 @@ def inspect(root: str | os.PathLike, workers: int | None = None,
 
 def conclude(c: Cache, report: dict) -> dict:
     """The report with what ``c`` found."""
-    return {**report, "origins": c.layout.n_origins, "structures": len(c.ranges) if c.ranges is not None else None,
+    return {**report, "origins": c.n_origins, "structures": len(c.ranges) if c.ranges is not None else None,
             "problems": [p.to_dict() for p in c.problems], "ok": not c.problems}
 
 

@@ -1,5 +1,6 @@
 """The checks of a cache's own bytes, each problem one line naming origins, structure and file:
-metadata arrays, shard files and zarr's shard index, every origin's checksum and values.
+metadata arrays, shard files and zarr's shard index, every origin's checksum and values; on a
+lattice cache every block's checksum and values instead; and the origin sets a cache holds.
 
 :mod:`.check` runs them (and the staleness of sources); ``pipeline check`` adds what needs
 the build's code.
@@ -55,8 +56,17 @@ class Cache:
     def __init__(self, root: Path, attrs: dict | None = None):
         self.root = root
         self.attrs = attrs if attrs is not None else fmt.read_attrs(root)
-        self.layout = fmt.VoxelLayout(root)  # CacheError: cannot read the images at all
-        self.reader = ShardReader(self.layout, threads=1)
+        self.lattice = self.attrs.params.lattice is not None
+        # CacheError: cannot read the images (or a lattice's blocks) at all
+        self.layout = fmt.VoxelLayout(root, fmt.BLOCKS if self.lattice else fmt.VOXELS)
+        self.reader = None if self.lattice else ShardReader(self.layout, threads=1)
+        if self.lattice:  # the origins are as many as the centres the build stored
+            try:
+                self.n_origins = int(fmt.array_meta(root, fmt.CENTER)["shape"][0])
+            except (fmt.CacheError, KeyError, IndexError, TypeError):
+                self.n_origins = int(fmt.array_meta(root, fmt.STRUCTURE_INDEX)["shape"][0])
+        else:
+            self.n_origins = self.layout.n_origins
         self.problems: list[Problem] = []
         self.ranges = self.ids = self.paths = self.structure_index = self.crc32 = None
         self.sha256 = self.atom_count = None
@@ -91,7 +101,7 @@ class Cache:
 # --- metadata -------------------------------------------------------------------------
 
 def check_metadata(c: Cache) -> None:
-    n, params = c.layout.n_origins, c.attrs.params
+    n, params = c.n_origins, c.attrs.params
     rotations = params.rotations
 
     def load(name: str, shape: tuple | None = None, quiet: bool = False) -> np.ndarray | None:
@@ -120,7 +130,10 @@ def check_metadata(c: Cache) -> None:
             c.problems.append(Problem("metadata", "strings are not valid UTF-8", file=name + "_utf8"))
             return None
 
+    sets = {fmt.origin_set_array(name, part) for name in c.attrs.origin_sets for part in fmt.ORIGIN_SET_PARTS}
     for name, recorded in c.attrs.metadata_crc32.items():
+        if name in sets:
+            continue  # check_origin_sets names them with the command that recreates them
         try:
             changed = fmt.chunk_crc32(c.root, name) != recorded
         except (OSError, fmt.CacheError):
@@ -153,7 +166,7 @@ def check_metadata(c: Cache) -> None:
     c.sha256 = load(fmt.STRUCTURE_SHA256, (m, 32))
     c.atom_count = load(fmt.STRUCTURE_ATOM_COUNT, (m,))
     load(fmt.CENTER, (n, 3))
-    c.crc32 = load(fmt.CRC32, (n,))
+    c.crc32 = None if c.lattice else load(fmt.CRC32, (n,))  # a lattice checks its blocks' crc32 instead
     if rotations > 1:
         load(fmt.ROTATION, (n, rotations, 3, 3))
     structure_index = load(fmt.STRUCTURE_INDEX, (n,))
@@ -170,11 +183,77 @@ def check_metadata(c: Cache) -> None:
             c.problems.append(Problem("metadata", f"split codes beyond the {len(names)} split names "
                                       f"{names}", file=fmt.STRUCTURE_SPLIT))
     # dtype and shape as the attributes say
+    if c.lattice:
+        edge = params.lattice.block_edge
+        if tuple(c.layout.item_shape) != (edge,) * 3 + (len(params.channels),) or \
+                c.layout.dtype.name != params.storage.dtype:
+            c.problems.append(Problem("metadata", f"blocks are {c.layout.dtype.name} {list(c.layout.item_shape)}, "
+                                      f"attributes say {params.storage.dtype} {[edge] * 3 + [len(params.channels)]}",
+                                      file=fmt.BLOCKS))
+        return
     shape = ((rotations,) if rotations > 1 else ()) + (len(params.channels),) + (params.image.grid_voxels,) * 3
     if tuple(c.layout.image_shape) != shape or c.layout.dtype.name != params.storage.dtype:
         c.problems.append(Problem("metadata", f"voxels are {c.layout.dtype.name} {list(c.layout.image_shape)}, "
                                   f"attributes say {params.storage.dtype} {list(shape)}", file=fmt.VOXELS))
 
+
+
+# --- origin sets ------------------------------------------------------------------------
+
+def check_origin_sets(c: Cache) -> None:
+    """Every origin set the attributes name: arrays present, untruncated, unchanged (crc32), of
+    consistent shapes, structure rows sorted and tiled by the ranges, centres finite and on the
+    build grid's lattice. A problem names the file and the command that recreates the set."""
+    if not c.attrs.origin_sets:
+        return
+    from cache_tools.commands.origins import recreate_command  # the command that writes them
+
+    image = c.attrs.params.image
+    try:
+        m = int(fmt.array_meta(c.root, fmt.STRUCTURE_ORIGIN_RANGE)["shape"][0])
+    except (fmt.CacheError, KeyError, IndexError, TypeError):
+        m = None  # reported by check_metadata
+    for name, record in c.attrs.origin_sets.items():
+        again = f"; recreate it: {recreate_command(c.root, name, record)}"
+        names = {part: fmt.origin_set_array(name, part) for part in fmt.ORIGIN_SET_PARTS}
+        arrays, damaged = {}, False
+        for part, array in names.items():
+            def problem(detail: str, file: str = array) -> None:
+                c.problems.append(Problem("origin-set", f"origin set {name!r}: {detail}{again}", file=file))
+            try:
+                arrays[part] = fmt.read_array(c.root, array)
+            except fmt.CacheError as exc:
+                problem(str(exc).removeprefix(f"{c.root}: "))
+                damaged = True
+                continue
+            recorded = c.attrs.metadata_crc32.get(array)
+            if recorded is not None and fmt.chunk_crc32(c.root, array) != recorded:
+                problem("contents changed since it was stored (crc32 differs)")
+                damaged = True
+        if damaged:
+            continue
+        centers, index, ranges = (arrays[p] for p in fmt.ORIGIN_SET_PARTS)
+        k = record.origins
+
+        def problem(detail: str, part: str) -> None:
+            c.problems.append(Problem("origin-set", f"origin set {name!r}: {detail}{again}", file=names[part]))
+        if centers.shape != (k, 3):
+            problem(f"shape {centers.shape}, expected {(k, 3)}", fmt.ORIGIN_SET_CENTER)
+        elif not np.isfinite(centers).all() or not np.array_equal(
+                fmt.snap_to_lattice(centers, image.resolution_A, image.grid_voxels), centers):
+            problem("centres not finite or not on the build grid's lattice", fmt.ORIGIN_SET_CENTER)
+        if index.shape != (k,):
+            problem(f"shape {index.shape}, expected {(k,)}", fmt.ORIGIN_SET_STRUCTURE_INDEX)
+        elif k and (np.any(np.diff(index) < 0) or index[0] < 0 or (m is not None and index[-1] >= m)):
+            problem(f"structure rows are not sorted rows below {m}", fmt.ORIGIN_SET_STRUCTURE_INDEX)
+        elif m is not None and ranges.shape == (m, 2):
+            expected = np.zeros((m, 2), np.int64)
+            expected[:, 1] = np.cumsum(np.bincount(index, minlength=m))
+            expected[1:, 0] = expected[:-1, 1]
+            if not np.array_equal(ranges, expected):
+                problem(f"ranges do not tile 0..{k - 1} as the structure rows say", fmt.ORIGIN_SET_RANGE)
+        if m is not None and ranges.shape != (m, 2):
+            problem(f"shape {ranges.shape}, expected {(m, 2)}", fmt.ORIGIN_SET_RANGE)
 
 
 # --- voxels ---------------------------------------------------------------------------
