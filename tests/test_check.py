@@ -273,3 +273,28 @@ def test_repair_waits_its_turn_behind_a_build(cache):
         holder.wait()
     assert cli(cache, "--repair").returncode == 0 and path.read_bytes() != damaged  # the dead holder's lock: taken over
     assert not lock_path(cache).exists()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_a_lattice_cache_is_checked_block_by_block(lattice_factory, tmp_path, compression):
+    """Every block's crc32 against lattice/block_crc32; damage names the block, its structure and file."""
+    root = Path(shutil.copytree(lattice_factory(compression=compression), tmp_path / "lattice.zarr"))
+    clean = check_cache(root, progress=False)
+    assert clean["ok"] and clean["origins"] == len(fmt.read_array(root, fmt.CENTER)) and clean["structures"] == 3
+    layout = fmt.VoxelLayout(root, fmt.BLOCKS)
+    block = int(fmt.read_array(root, fmt.LATTICE_BLOCK_START)[1]) + 2  # a block of the second structure
+    shard, j = divmod(block, layout.items_per_shard)
+    path = layout.shard_path(shard)
+    data = bytearray(path.read_bytes())
+    if compression == "none":
+        data[j * layout.item_nbytes + 5] ^= 0x01
+    else:
+        offset, length = (int(v) for v in np.frombuffer(bytes(data[-layout.index_nbytes:]), "<u8").reshape(-1, 2)[j])
+        data[offset + length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = check_cache(root, progress=False)
+    kind = "checksum" if compression == "none" else "undecodable"
+    sid = fmt.ragged_item(*fmt.read_ragged_strings(root, fmt.STRUCTURE_ID), 1)
+    assert [(p["kind"], p["structure"], p["file"]) for p in report["problems"]] == \
+        [(kind, sid, str(path.relative_to(root)))]
+    assert report["problems"][0]["detail"].startswith(f"block {block}: ")
