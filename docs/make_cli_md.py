@@ -16,6 +16,7 @@ COMMANDS = [
     ["cache-tools", "info"],
     ["cache-tools", "split"],
     ["cache-tools", "subset"],
+    ["cache-tools", "origins"],
     ["cache-tools", "check"],
     ["cache-tools", "show"],
     ["cache-tools", "profile-memory"],
