@@ -93,6 +93,7 @@ def test_a_set_from_a_csv_is_snapped_stored_and_read_as_the_voxelizer_at_its_cen
     ("id,x,y,z\n1aa5,1,2,3\nnope,1,2,3\n", ":3:", "structure id 'nope' is not in the cache (ids as the cache stores "
                                                    "them, e.g. 171l)"),
     ("1aa5,1,2,3\n1aa5,a,b,c\n", ":2:", "coordinates are not numbers: a,b,c"),
+    ("1aa5,1,2,x\n", ":1:", "coordinates are not numbers: 1,2,x"),  # not a header: two are numbers
     ("1aa5,nan,0,0\n", ":1:", "coordinates are not finite: nan,0,0"),
     ("structure_id,x,y,z\n1aa5,1,inf,0\n", ":2:", "coordinates are not finite: 1,inf,0"),
     ("1aa5,1,2\n", ":1:", "expected 'structure_id,x,y,z', got 3 fields"),
@@ -127,6 +128,8 @@ def test_usage_errors_are_one_line(lattice_factory, tmp_path, capsys):
         (["origins", str(per_origin), "x", "--from", str(csv)], "origin sets need a lattice cache (views cut at "
                                                                 "training time)"),
         (["origins", str(lattice), "a/b", "--from", str(csv)], "origin set name 'a/b': use letters, digits"),
+        (["origins", str(lattice), "zarr.json", "--from", str(csv)], "origin set name 'zarr.json': the name of a "
+                                                                     "zarr metadata file"),
         (["origins", str(lattice), "x", "--from", str(csv), "--min-spacing", "3"],
          "--from and the rule options (--min-spacing) exclude each other"),
         (["origins", str(lattice), "x", "--min-neighbors", "3"], "the rule form needs --neighbor-radius, "

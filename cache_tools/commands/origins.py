@@ -100,12 +100,11 @@ def read_rows(path: str, ids: dict[str, int], failed: dict[str, str]) -> tuple[n
                 first, seen_row = not seen_row, True
                 if len(fields) != 4:
                     raise ValueError(f"{path}:{lineno}: expected 'structure_id,x,y,z', got {len(fields)} fields")
-                try:
-                    point = [float(v) for v in fields[1:]]
-                except ValueError:
-                    if first:
-                        continue  # a header row
-                    raise ValueError(f"{path}:{lineno}: coordinates are not numbers: {','.join(fields[1:])}") from None
+                point = [_number(v) for v in fields[1:]]
+                if None in point:
+                    if first and point == [None, None, None]:
+                        continue  # a header row: no coordinate is a number
+                    raise ValueError(f"{path}:{lineno}: coordinates are not numbers: {','.join(fields[1:])}")
                 if not np.all(np.isfinite(point)):
                     raise ValueError(f"{path}:{lineno}: coordinates are not finite: {','.join(fields[1:])}")
                 sid = fields[0].strip()
@@ -121,6 +120,13 @@ def read_rows(path: str, ids: dict[str, int], failed: dict[str, str]) -> tuple[n
     if not rows:
         raise ValueError(f"{path}: no origin rows (expected lines 'structure_id,x,y,z')")
     return np.asarray(rows, np.int64), np.asarray(xyz, np.float64).reshape(-1, 3)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def empty_views(root: str, attrs: fmt.CacheAttrs, rows: np.ndarray, centers: np.ndarray) -> int:
@@ -165,7 +171,7 @@ def store_set(root: str | Path, name: str, rows: np.ndarray, centers: np.ndarray
     """Store centres ``centers`` of structure rows ``rows`` as origin set ``name``, grouped by
     structure (stable: each structure's centres keep their order). Returns the record stored."""
     root = Path(root)
-    fmt.check_name("origin set", name)
+    fmt.origin_set_dir(name)  # the name rule (ValueError)
     n_structures = len(fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE))
     order = np.argsort(rows, kind="stable")
     index = rows[order].astype(np.int32)
@@ -191,7 +197,7 @@ def store_set(root: str | Path, name: str, rows: np.ndarray, centers: np.ndarray
 def origins_from_file(root: str | Path, name: str, path: str) -> fmt.OriginSetRecord:
     """Read, snap and store origin set ``name`` from a CSV file; ValueError naming FILE:LINE."""
     root = Path(root)
-    fmt.check_name("origin set", name)
+    fmt.origin_set_dir(name)  # the name rule (ValueError)
     attrs = lattice_attrs(root)
     blob, offsets = fmt.read_ragged_strings(root, fmt.STRUCTURE_ID)
     ids = {fmt.ragged_item(blob, offsets, k): k for k in range(len(offsets) - 1)}
@@ -211,9 +217,10 @@ def origins_by_rule(root: str | Path, name: str, rule, workers: int | None = Non
     from cache_tools.commands.origin_rule import MassCounter, pick
 
     root = Path(root)
-    fmt.check_name("origin set", name)
+    fmt.origin_set_dir(name)  # the name rule (ValueError)
     attrs = lattice_attrs(root)
     counter = MassCounter(str(root), attrs, rule)
+    counter.reader.warm(counter.reader.dtype)  # opened and compiled once, before the threads share it
     sha = fmt.read_array(root, fmt.STRUCTURE_SHA256)
     n = len(sha)
     from tqdm import tqdm
@@ -275,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             if not sets:
                 print(f"{args.cache}: no origin sets")
             return 0
-        fmt.check_name("origin set", args.name)
+        fmt.origin_set_dir(args.name)  # the name rule (ValueError)
         before = fmt.read_attrs(args.cache)
         if args.delete:
             if args.from_file is not None or given:

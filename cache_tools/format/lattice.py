@@ -64,7 +64,10 @@ ORIGIN_SET_PARTS = (ORIGIN_SET_CENTER, ORIGIN_SET_STRUCTURE_INDEX, ORIGIN_SET_RA
 
 
 def origin_set_dir(name: str) -> str:
-    """Directory of origin set ``name`` (a plain word: it becomes a directory)."""
+    """Directory of origin set ``name`` (a plain word: it becomes a directory; not zarr.json, the
+    name of its group's metadata file)."""
+    if isinstance(name, str) and name.lower() == "zarr.json":
+        raise ValueError(f"origin set name {name!r}: the name of a zarr metadata file; choose another")
     return f"{ORIGIN_SETS_DIR}/{check_name('origin set', name)}"
 
 
