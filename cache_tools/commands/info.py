@@ -36,12 +36,15 @@ def cache_info(root: str | Path) -> dict:
         "voxelizer": params.voxelizer.to_json(),
         "storage": params.storage.to_json(),
         "rotations": params.rotations,
+        "assembly": params.assembly,
+        "occupancy": params.occupancy,
         "origins_rule": params.origins.to_json(),
         "inputs": params.n_inputs,
         "build": attrs.build,
         "failures": [n.to_json() for n in attrs.failures] if attrs.complete else failures_so_far(root),
         "duplicates": [n.to_json() for n in attrs.duplicates],
         "empty": [n.to_json() for n in attrs.empty],
+        "asym_fallbacks": [n.to_json() for n in attrs.asym_fallbacks],
         "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
     if not info["complete"]:
@@ -77,6 +80,8 @@ def cache_info(root: str | Path) -> dict:
         per = ranges[:, 1] - ranges[:, 0]
         info["origins_per_structure"] = {"min": int(per.min()), "median": float(np.median(per)),
                                          "max": int(per.max())}
+        used = fmt.assemblies(root)  # structures per assembly id their images hold ("asym": the asymmetric unit)
+        info["assemblies"] = {a: used.count(a) for a in sorted(set(used), key=lambda a: (a == fmt.ASSEMBLY_ASYM, a))}
         if (root / fmt.STRUCTURE_SPLIT).exists():
             codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
             names = attrs.splits
@@ -141,6 +146,16 @@ def format_info(info: dict) -> str:
     lines.append("  origins by: " + ", ".join(f"{k}={v}" for k, v in rule.items()))
     if info["rotations"] > 1:
         lines.append(f"  rotations:  {info['rotations']} images per origin")
+    assembly = info.get("assembly", fmt.ASSEMBLY_ASYM)
+    lines.append(f"  assembly:   {assembly} (" + {
+        fmt.ASSEMBLY_ASYM: "the asymmetric unit of the first model",
+        fmt.ASSEMBLY_FIRST: "the first biological assembly of each file",
+        fmt.ASSEMBLY_FROM_ORIGINS: "per structure, from the --origins file"}.get(assembly, "by id")
+        + ("; structures per assembly: " + ", ".join(f"{a}: {n}" for a, n in info["assemblies"].items())
+           if "assemblies" in info and assembly != fmt.ASSEMBLY_ASYM else "") + ")")
+    lines.append("  occupancy:  " + ("weight (every alternate conformer, weighted by its occupancy)"
+                                     if info.get("occupancy") == "weight" else
+                                     "one (the first conformer of each atom, at weight 1)"))
     if "origins" in info:
         ops = info["origins_per_structure"]
         lines.append(f"  structures: {info['structures']} ok, {len(info['failures'])} failed "
@@ -190,6 +205,10 @@ def format_info(info: dict) -> str:
         lines.append(f"  failed:     {failure['path']}: {failure['reason']}")
     if len(info["failures"]) > 20:
         lines.append(f"  ... and {len(info['failures']) - 20} more failures (--json lists all)")
+    for note in info["asym_fallbacks"][:20]:
+        lines.append(f"  asym:       {note['path']}: {note['reason']}")
+    if len(info["asym_fallbacks"]) > 20:
+        lines.append(f"  ... and {len(info['asym_fallbacks']) - 20} more without assembly records (--json lists all)")
     for note in info["empty"][:20]:
         lines.append(f"  empty:      {note['path']}: {note['reason']}")
     for dup in info["duplicates"][:20]:

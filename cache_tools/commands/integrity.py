@@ -163,6 +163,8 @@ def check_metadata(c: Cache) -> None:
     c.paths = ragged(fmt.STRUCTURE_SOURCE_PATH, m)
     if (c.root / (fmt.STRUCTURE_ENTRY_ID + "_offsets")).exists():  # absent in older caches
         ragged(fmt.STRUCTURE_ENTRY_ID, m)
+    if (c.root / (fmt.STRUCTURE_ASSEMBLY + "_offsets")).exists():  # only with --assembly other than asym
+        ragged(fmt.STRUCTURE_ASSEMBLY, m)
     c.sha256 = load(fmt.STRUCTURE_SHA256, (m, 32))
     c.atom_count = load(fmt.STRUCTURE_ATOM_COUNT, (m,))
     load(fmt.CENTER, (n, 3))

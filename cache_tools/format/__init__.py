@@ -38,6 +38,10 @@ A cache is a zarr v3 group (a directory)::
                                                       attrs.subsets[NAME] holds its expression
       structures/entry_id_utf8, entry_id_offsets   ragged PDB entry ids (mmCIF _entry.id,
                                      upper-cased); caches built before it: see entry_ids()
+      structures/assembly_utf8, assembly_offsets   ragged; the assembly each structure's images
+                                     hold (an _pdbx_struct_assembly.id, or "asym": the asymmetric
+                                     unit); only in caches built with --assembly other than asym
+                                     (see assemblies(): absent = all "asym")
       origin_sets/<NAME>/...         lattice caches: origin sets (format/lattice.py); attrs.origin_sets
     (attrs.metadata_crc32 holds the crc32 of each metadata array's data file)
       .build/                        resumable build state; removed when the build completes
@@ -66,9 +70,9 @@ from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, 
 from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, VoxelLayout, entry_problem,
                                        shard_file, sharded_array_metadata, voxels_array_metadata, voxels_nbytes)
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)
-from cache_tools.format.names import (CacheError, check_name, date_to_days, days_to_date, entry_id_from_name,
-                                      subset_array)
-from cache_tools.format.store import (array_meta, array_metadata, chunk_crc32, encode_ragged, entry_ids,
+from cache_tools.format.names import (CacheError, check_assembly, check_name, date_to_days, days_to_date,
+                                      entry_id_from_name, subset_array)
+from cache_tools.format.store import (array_meta, array_metadata, assemblies, chunk_crc32, encode_ragged, entry_ids,
                                       file_sha256, group_metadata, metadata_checksums, publish, ragged_item,
                                       read_array, read_json, read_ragged_strings, remove_temporaries,
                                       single_chunk_path, write_array, write_json_atomic, write_ragged_strings)

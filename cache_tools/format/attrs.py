@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cache_tools.format.lattice import LatticeParams
-from cache_tools.format.names import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, CacheError
+from cache_tools.format.names import ASSEMBLY_ASYM, ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, OCCUPANCIES, CacheError
 from cache_tools.format.store import read_json, write_json_atomic
 
 
@@ -108,6 +108,10 @@ class CacheParams:
     keep_duplicates: bool = False
     compression: Compression | None = None
     lattice: LatticeParams | None = None  # the lattice layout (None: one image per origin)
+    assembly: str = ASSEMBLY_ASYM     # --assembly: "asym", "first", an assembly id, or "origins" (per
+                                      # structure, from the --origins file); what each structure got:
+                                      # format.assemblies()
+    occupancy: str = OCCUPANCIES[0]   # --occupancy: "one" (first conformer at weight 1) or "weight"
     extra: dict = field(default_factory=dict, compare=True)
 
     @property
@@ -146,6 +150,7 @@ class CacheParams:
             keep_duplicates=bool(known.get("keep_duplicates", False)),
             compression=Compression(**compression) if compression else None,
             lattice=LatticeParams(**known["lattice"]) if known.get("lattice") else None,
+            assembly=str(known.get("assembly", ASSEMBLY_ASYM)), occupancy=str(known.get("occupancy", OCCUPANCIES[0])),
             extra=extra)
 
     def to_json(self) -> dict:
@@ -164,6 +169,8 @@ class CacheParams:
             **({"keep_duplicates": True} if self.keep_duplicates else {}),
             **({"compression": self.compression.to_json()} if self.compression else {}),
             **({"lattice": self.lattice.to_json()} if self.lattice else {}),
+            **({"assembly": self.assembly} if self.assembly != ASSEMBLY_ASYM else {}),
+            **({"occupancy": self.occupancy} if self.occupancy != OCCUPANCIES[0] else {}),
             **self.extra,
         }
 
@@ -237,6 +244,7 @@ class CacheAttrs:
     failures: tuple[InputNote, ...] = ()
     duplicates: tuple[InputNote, ...] = ()
     empty: tuple[InputNote, ...] = ()
+    asym_fallbacks: tuple[InputNote, ...] = ()          # an assembly was asked; the file has none
     metadata_crc32: dict = field(default_factory=dict)  # array name -> crc32 of its data file
     splits: tuple[str, ...] = ()                        # names of the codes in structures/split
     split_params: dict | None = None
@@ -263,6 +271,7 @@ class CacheAttrs:
             pipeline_version=known.get("pipeline_version"),
             build=dict(known.get("build") or {}),
             failures=notes("failures"), duplicates=notes("duplicates"), empty=notes("empty"),
+            asym_fallbacks=notes("asym_fallbacks"),
             metadata_crc32={k: int(v) for k, v in (known.get("metadata_crc32") or {}).items()},
             splits=tuple(known.get("splits") or ()),
             split_params=known.get("split_params"),
@@ -280,6 +289,8 @@ class CacheAttrs:
             doc.update(failures=[n.to_json() for n in self.failures],
                        duplicates=[n.to_json() for n in self.duplicates],
                        empty=[n.to_json() for n in self.empty])
+        if self.asym_fallbacks:
+            doc["asym_fallbacks"] = [n.to_json() for n in self.asym_fallbacks]
         if self.metadata_crc32:
             doc["metadata_crc32"] = dict(self.metadata_crc32)
         if self.splits:

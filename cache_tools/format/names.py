@@ -29,6 +29,7 @@ ROTATION = "origins/rotation"
 STRUCTURE_ID = "structures/id"                    # ragged: _utf8 + _offsets
 STRUCTURE_SOURCE_PATH = "structures/source_path"  # ragged: _utf8 + _offsets
 STRUCTURE_ENTRY_ID = "structures/entry_id"        # ragged: _utf8 + _offsets
+STRUCTURE_ASSEMBLY = "structures/assembly"        # ragged: _utf8 + _offsets; only when not all ASSEMBLY_ASYM
 STRUCTURE_SHA256 = "structures/source_sha256"
 STRUCTURE_ATOM_COUNT = "structures/atom_count"
 STRUCTURE_ORIGIN_RANGE = "structures/origin_range"
@@ -54,7 +55,8 @@ METADATA_ARRAYS = (CENTER, STRUCTURE_INDEX, CRC32, ROTATION,
                    *STRUCTURE_META_ARRAYS, STRUCTURE_ENTRY_ID + "_utf8", STRUCTURE_ENTRY_ID + "_offsets",
                    # the lattice layout's tables (cache_tools.format.lattice)
                    "lattice/grid", "lattice/map_start", "lattice/block_map", "lattice/block_start",
-                   "lattice/block_crc32", "lattice/block_fill", "lattice/rotation", "lattice/rotation_center_A")
+                   "lattice/block_crc32", "lattice/block_fill", "lattice/rotation", "lattice/rotation_center_A",
+                   STRUCTURE_ASSEMBLY + "_utf8", STRUCTURE_ASSEMBLY + "_offsets")
 
 # --- vocabularies --------------------------------------------------------------------------
 
@@ -70,6 +72,23 @@ UINT8_DEFAULT_MAX = 2.0  # FractionAtom values of non-overlapping atoms stay bel
 COMPRESSIONS = ("none", "zstd")   # --compression choices; "none" = raw bytes, memory-mapped as is
 DEFAULT_COMPRESSION = "zstd"
 DEFAULT_COMPRESSION_LEVEL = 1     # BENCHMARKS.md "Compression": level 1 is within 3% of level 3's size, decodes as fast
+
+# Which atoms a structure's images hold (`pipeline build-cache --assembly`, `--occupancy`).
+ASSEMBLY_ASYM = "asym"        # the asymmetric unit (first model): the default, and what older caches hold
+ASSEMBLY_FIRST = "first"      # the first biological assembly of each file (_pdbx_struct_assembly order)
+ASSEMBLY_FROM_ORIGINS = "origins"  # per structure, from the `assembly` column of --origins FILE
+OCCUPANCIES = ("one", "weight")    # one: first conformer at weight 1; weight: every conformer x occupancy
+ASSEMBLY_ID_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+
+
+def check_assembly(value: str) -> str:
+    """``value`` if it can name an assembly: asym, first, or an id (``_pdbx_struct_assembly.id``,
+    e.g. 1, 2, PAU: letters, digits, '_', '-', '.', at most 32 characters)."""
+    if not isinstance(value, str) or not ASSEMBLY_ID_RULE.fullmatch(value):
+        raise ValueError(f"assembly {value!r} is not an assembly id: use {ASSEMBLY_ASYM} (the asymmetric unit), "
+                         f"{ASSEMBLY_FIRST}, or an id of _pdbx_struct_assembly.id such as 1")
+    return value
+
 
 # --- dates: days since 1970-01-01 in an int32 ---------------------------------------------
 

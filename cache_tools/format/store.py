@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from cache_tools.format.names import (ATTRS_KEY, METADATA_ARRAYS, STRUCTURE_ENTRY_ID, STRUCTURE_ID, CacheError,
-                                      entry_id_from_name)
+from cache_tools.format.names import (ASSEMBLY_ASYM, ATTRS_KEY, METADATA_ARRAYS, STRUCTURE_ASSEMBLY,
+                                      STRUCTURE_ENTRY_ID, STRUCTURE_ID, CacheError, entry_id_from_name)
 
 # --- crash-safe writes ------------------------------------------------------------------
 
@@ -223,3 +223,14 @@ def entry_ids(root: str | os.PathLike) -> list[str]:
         return [ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
     blob, offsets = read_ragged_strings(root, STRUCTURE_ID)
     return [entry_id_from_name(ragged_item(blob, offsets, k)) for k in range(len(offsets) - 1)]
+
+
+def assemblies(root: str | os.PathLike) -> list[str]:
+    """Which atoms each structure's images hold: an assembly id (``_pdbx_struct_assembly.id``)
+    or ``ASSEMBLY_ASYM`` (the asymmetric unit). Caches built with the default ``--assembly asym``,
+    and before the column existed, have no column: every structure is ``ASSEMBLY_ASYM``."""
+    if Path(root, STRUCTURE_ASSEMBLY + "_offsets", "zarr.json").exists():
+        blob, offsets = read_ragged_strings(root, STRUCTURE_ASSEMBLY)
+        return [ragged_item(blob, offsets, k) for k in range(len(offsets) - 1)]
+    blob, offsets = read_ragged_strings(root, STRUCTURE_ID)
+    return [ASSEMBLY_ASYM] * (len(offsets) - 1)
