@@ -8,7 +8,7 @@ lattice (``snap_centers``), the planes ``k * resolution`` on each axis, so that 
 voxel boundaries are lattice planes: with an odd ``grid_voxels`` the centre sits mid-voxel
 (``k + 1/2``), with an even one on a plane. Then a cube of the lattice (a *tile*) is
 voxelized once with the same kernel and each image is a slice copy of it. The kernel's
-FractionAtom/Sum value of a voxel depends only on the atoms overlapping it, added in the
+FractionAtom/Sum value of a voxel depends only on the atoms overlapping it (and their occupancy weights), added in the
 same order, and the voxel's corners, which both grids compute exactly (half-integer
 multiples of a resolution with a short mantissa, ``lattice_exact``): so a crop equals
 the image voxelized at its centre, bit for bit (tests/test_lattice.py checks every sample
@@ -81,10 +81,11 @@ def tile_order(centers: np.ndarray, spec: ImageSpec, tile_bytes: int = TILE_BYTE
 class OriginEncoder:
     """Stored bytes of single origins, each voxelized on its own: the reference the checks use."""
 
-    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage):
+    def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage,
+                 occupancy: np.ndarray | None = None):
         from scipy.spatial import cKDTree
 
-        self.xyz, self.channel = xyz, channel.astype(np.int64)
+        self.xyz, self.channel, self.occupancy = xyz, channel.astype(np.int64), occupancy
         self.tree = cKDTree(xyz)  # neighbours of each centre, instead of scanning every atom
         self.spec, self.storage = spec, storage
         self.reach = image_reach_A(spec) + 1e-6
@@ -103,13 +104,14 @@ class OriginEncoder:
         if first is None or count > 1:
             near = np.sort(np.asarray(self.tree.query_ball_point(center, self.reach), dtype=np.intp))  # atom order: same sums
             near_xyz, near_channel = self.xyz[near], self.channel[near]
+            near_occupancy = None if self.occupancy is None else self.occupancy[near]
         parts, saturated = [], 0
         for r in range(count):
             if r == 0 and first is not None:
                 img = first
             else:
                 coords = near_xyz if r == 0 else rotate_about(near_xyz, center, rotations[r].astype(np.float64))
-                img = voxelize(coords, near_channel, center, self.spec, out=self.buffer)
+                img = voxelize(coords, near_channel, center, self.spec, out=self.buffer, occupancy=near_occupancy)
             stored, sat = self.storage.encode(img)
             saturated += sat
             parts.append(stored.tobytes())
@@ -124,8 +126,8 @@ class LatticeEncoder:
     """Stored bytes of a structure's lattice origins, cropped from voxelized tiles (module docstring)."""
 
     def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage,
-                 tile_bytes: int = TILE_BYTES):
-        self.xyz, self.channel = xyz, channel.astype(np.int64)
+                 tile_bytes: int = TILE_BYTES, occupancy: np.ndarray | None = None):
+        self.xyz, self.channel, self.occupancy = xyz, channel.astype(np.int64), occupancy
         self.spec, self.storage = spec, storage
         self.max_side = tile_side(spec, tile_bytes)
         self._buffer = np.empty(0, np.float32)
@@ -134,7 +136,7 @@ class LatticeEncoder:
 
     def per_origin(self) -> OriginEncoder:
         if self._per_origin is None:
-            self._per_origin = OriginEncoder(self.xyz, self.channel, self.spec, self.storage)
+            self._per_origin = OriginEncoder(self.xyz, self.channel, self.spec, self.storage, self.occupancy)
         return self._per_origin
 
     def corners(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +189,8 @@ class LatticeEncoder:
         cell = np.floor((self.xyz[candidates] - lo_A) / res).astype(np.int64) + k
         cell = np.clip(cell, 0, side + 2 * k - 1)  # candidates lie within the padding anyway
         near = candidates[cover[cell[:, 0], cell[:, 1], cell[:, 2]]]
-        add_atoms(img, side, res, lo_A + side * res / 2, self.xyz[near], self.channel[near], r)
+        add_atoms(img, side, res, lo_A + side * res / 2, self.xyz[near], self.channel[near], r,
+                  None if self.occupancy is None else self.occupancy[near])
         self.tiles += 1
         self.atoms_voxelized += len(near)
         return img

@@ -2,11 +2,20 @@
 
 Rules (documented in the README, "What goes into an image"):
 - the first model only;
+- ``assembly``: the asymmetric unit (``asym``, the default), or a biological assembly
+  built by gemmi (``make_assembly``, copies of chains named as the originals) from the
+  ``_pdbx_struct_assembly*`` records: the ``first`` in the file, or one named by id. A
+  file without assembly records is its own single assembly, as macromol_dataframe
+  treats it (implicit id "1"): ``first`` and ``1`` then give the asymmetric unit, and
+  the result says so (``Atoms.assembly_note``); another id is an :class:`AssemblyError`;
 - hydrogens and deuteriums are dropped;
 - waters (HOH, DOD, WAT, ...) are dropped;
-- alternate locations: only the first conformer of each atom is kept
-  (gemmi's ``remove_alternative_conformations``), voxelized at full weight;
-- atoms with zero occupancy are dropped (not observed);
+- ``occupancy``: ``one`` keeps only the first conformer of each atom (gemmi's
+  ``remove_alternative_conformations``), voxelized at full weight; ``weight`` keeps
+  every conformer with its occupancy clipped to [0, 1] as the weight of its whole
+  contribution (what ``macromol_voxelize.image_from_atoms`` does with an ``occupancy``
+  column);
+- atoms with zero occupancy are dropped (not observed; at ``weight`` they would add 0);
 - ligands, ions and nucleic acids are kept: they are part of the environment;
 - each atom goes to the first channel that lists its element; ``*`` takes the rest,
   and without ``*`` atoms of unlisted elements are dropped.
@@ -24,11 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_tools.format import ASSEMBLY_ASYM, ASSEMBLY_FIRST, OCCUPANCIES
+
 MMCIF_SUFFIXES = (".cif", ".cif.gz", ".mmcif", ".mmcif.gz")
 
 
 class ParseError(Exception):
     """A source file cannot be turned into atoms; str() is the one-line reason."""
+
+
+class AssemblyError(ParseError):
+    """The assembly asked for by id does not exist in the file (the user's input is wrong, not the file)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ class Atoms:
     n_chains: int = 0     # chains of the first model, before any atom is dropped
     entry_id: str = ""    # mmCIF _entry.id, upper-cased; "" when the file has none
     block: object = field(default=None, repr=False, compare=False)  # the gemmi cif.Block, for metadata
+    occupancy: np.ndarray | None = None  # (n,) float64 weights in (0, 1]; None: all 1 (occupancy "one")
+    assembly: str = ASSEMBLY_ASYM        # the assembly the atoms are: an assembly id, or ASSEMBLY_ASYM
+    assembly_note: str = ""              # why it is the asymmetric unit although an assembly was asked for
 
     def __len__(self) -> int:
         return len(self.channel)
@@ -130,9 +148,16 @@ def _read_text(path: Path) -> str:
         return raw.decode("latin-1")  # CIF is ASCII; tolerate stray bytes in comments
 
 
-def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
-    """Parse ``path`` (mmCIF, optionally gzipped) into heavy atoms with channel indices."""
+def parse_atoms(path: str | os.PathLike, channels: list[list[str]], assembly: str = ASSEMBLY_ASYM,
+                occupancy: str = "one") -> Atoms:
+    """Parse ``path`` (mmCIF, optionally gzipped) into heavy atoms with channel indices.
+
+    ``assembly``: ``asym``, ``first`` or an assembly id; ``occupancy``: ``one`` or ``weight``
+    (module docstring)."""
     import gemmi
+
+    if occupancy not in OCCUPANCIES:
+        raise ValueError(f"occupancy {occupancy!r}: expected one of {', '.join(OCCUPANCIES)}")
 
     path = Path(path)
     text = _read_text(path)
@@ -162,9 +187,16 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
         raise ParseError(f"_atom_site table has {rows} rows but no models"
                          + (f" (missing column {', '.join(missing)})" if missing else ""))
     n_chains = len({chain.name for chain in st[0]})  # chain parts (polymer, waters) share a name
+    model, used, note = select_assembly(st, assembly)  # before anything is removed: it names whole subchains
+    if model is not st[0]:
+        st = gemmi.Structure()
+        st.add_model(model)
     st.remove_hydrogens()
-    st.remove_alternative_conformations()
+    weighted = occupancy == "weight"
+    if not weighted:
+        st.remove_alternative_conformations()
     st.remove_waters()
+    model = st[0]
 
     lookup = {}
     star = None
@@ -177,11 +209,12 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
 
     coords: list[tuple[float, float, float]] = []
     chans: list[int] = []
+    occs: list[float] = []
     unlisted: set[str] = set()  # observed heavy elements no channel takes
-    for chain in st[0]:
+    for chain in model:
         for residue in chain:
             for atom in residue:
-                if atom.occ <= 0:
+                if atom.occ <= 0 or weighted and not atom.occ > 0:  # (NaN: no weight to give it)
                     continue
                 ch = lookup.get(atom.element.name.upper(), star)
                 if ch is None:
@@ -193,16 +226,58 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]]) -> Atoms:
                                      "missing or non-numeric coordinates in _atom_site.Cartn_x/y/z")
                 coords.append((p.x, p.y, p.z))
                 chans.append(ch)
+                occs.append(atom.occ)
+    where = "" if used == ASSEMBLY_ASYM else f" of assembly {used}"
     if not chans and unlisted:
-        raise ParseError(f"no atom matches a channel: the first model's heavy atoms are "
+        raise ParseError(f"no atom matches a channel: the heavy atoms{where} are "
                          f"{', '.join(sorted(unlisted))}, none of them in --channels "
                          f"{','.join('|'.join(c) for c in channels)}")
     if not chans:
-        raise ParseError("no heavy atoms in the first model (after dropping H, water, zero occupancy)")
+        raise ParseError(f"no heavy atoms in the first model{where} (after dropping H, water, zero occupancy)")
     return Atoms(xyz=np.asarray(coords, dtype=np.float64),
                  channel=np.asarray(chans, dtype=np.int64),
                  n_models=n_models, block_name=block.name, n_chains=n_chains, block=block,
-                 entry_id=_entry_id(block))
+                 entry_id=_entry_id(block), occupancy=occupancy_weights(occs) if weighted else None,
+                 assembly=used, assembly_note=note)
+
+
+def occupancy_weights(occ: list[float]) -> np.ndarray:
+    """float64 weights from gemmi's float32 occupancies, clipped to (0, 1].
+
+    gemmi keeps an occupancy as float32; ``0.37`` in the file becomes 0.3700000047...
+    Its shortest decimal repr (what numpy prints) gives back the file's number for any
+    occupancy written with at most 6 significant digits (mmCIF files use 2), so the
+    weight equals the file's value parsed as float64, as macromol_dataframe reads it.
+    """
+    as_text = np.asarray(occ, dtype=np.float32).astype(str)
+    return np.minimum(as_text.astype(np.float64), 1.0)
+
+
+def select_assembly(st, assembly: str):
+    """(model, assembly used, note): the first model of ``st`` as asked by ``assembly``
+    (module docstring). Raises AssemblyError for an id the file does not define."""
+    import gemmi
+
+    model = st[0]
+    if assembly == ASSEMBLY_ASYM:
+        return model, ASSEMBLY_ASYM, ""
+    names = [a.name for a in st.assemblies]
+    if not names:
+        if assembly in (ASSEMBLY_FIRST, "1"):  # macromol_dataframe: the whole model is the implicit assembly '1'
+            return model, ASSEMBLY_ASYM, "no assembly records (_pdbx_struct_assembly); used the asymmetric unit"
+        raise AssemblyError(f"no assembly {assembly!r}: the file has no assembly records "
+                            "(_pdbx_struct_assembly), only the asymmetric unit (assembly 1)")
+    if assembly == ASSEMBLY_FIRST:
+        chosen = st.assemblies[0]
+    else:
+        chosen = next((a for a in st.assemblies if a.name == assembly), None)
+        if chosen is None:
+            raise AssemblyError(f"no assembly {assembly!r} (its assemblies: {', '.join(names)})")
+    try:
+        built = gemmi.make_assembly(chosen, model, gemmi.HowToNameCopiedChain.Dup)
+    except (RuntimeError, ValueError) as exc:
+        raise ParseError(f"cannot build assembly {chosen.name} ({_first_line(exc)})") from None
+    return built, chosen.name, ""
 
 
 def _entry_id(block) -> str:

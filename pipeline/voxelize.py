@@ -1,10 +1,11 @@
 """Voxelize atoms around a centre with macromol_voxelize, and store images compactly.
 
 The image is exactly ``macromol_voxelize.image_from_atoms`` of the same atoms (one
-channel each, radius ``atom_radius_A``, occupancy 1, FractionAtom fill, Sum
-aggregation) on ``Grid(grid_voxels, resolution_A, center)``. We call the library's
-kernel on a numpy box pre-filter instead of building a polars frame per origin;
-atoms outside the box contribute nothing, so the result is bit-identical (tested).
+channel each, radius ``atom_radius_A``, FractionAtom fill, Sum aggregation, occupancy 1
+or, with ``--occupancy weight``, each atom's occupancy: the kernel multiplies an atom's
+whole contribution by it) on ``Grid(grid_voxels, resolution_A, center)``. We call the
+library's kernel on a numpy box pre-filter instead of building a polars frame per
+origin; atoms outside the box contribute nothing, so the result is bit-identical (tested).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ class ImageSpec:
         L = self.grid_voxels
         return (self.n_channels, L, L, L)
 
-    def voxelizer_attrs(self) -> dict:
+    def voxelizer_attrs(self, occupancy: str = "one") -> dict:
+        """How the kernel is called; ``occupancy`` "weight" passes each atom's occupancy instead of 1."""
         return {"name": "macromol_voxelize", "version": mmvox.__version__,
-                "fill_algorithm": "FractionAtom", "agg_algorithm": "Sum", "occupancy": 1.0}
+                "fill_algorithm": "FractionAtom", "agg_algorithm": "Sum",
+                "occupancy": 1.0 if occupancy == "one" else "atom"}
 
 
 def image_reach_A(spec: ImageSpec) -> float:
@@ -44,26 +47,30 @@ def image_reach_A(spec: ImageSpec) -> float:
 
 
 def voxelize(xyz: np.ndarray, channel: np.ndarray, center: np.ndarray, spec: ImageSpec,
-             out: np.ndarray | None = None) -> np.ndarray:
-    """float32 image (C, L, L, L) of atoms ``xyz`` (n,3 float64) centred on ``center``."""
+             out: np.ndarray | None = None, occupancy: np.ndarray | None = None) -> np.ndarray:
+    """float32 image (C, L, L, L) of atoms ``xyz`` (n,3 float64) centred on ``center``;
+    ``occupancy`` (n,) weights each atom (None: 1)."""
     center = np.asarray(center, dtype=np.float64)
     reach = spec.grid_voxels * spec.resolution_A / 2 + spec.atom_radius_A
     inside = np.all(np.abs(xyz - center) < reach, axis=1)
     img = out if out is not None else np.empty(spec.shape, dtype=np.float32)
     img.fill(0)
-    add_atoms(img, spec.grid_voxels, spec.resolution_A, center, xyz[inside], channel[inside], spec.atom_radius_A)
+    add_atoms(img, spec.grid_voxels, spec.resolution_A, center, xyz[inside], channel[inside], spec.atom_radius_A,
+              None if occupancy is None else occupancy[inside])
     return img
 
 
 def add_atoms(img: np.ndarray, grid_voxels: int, resolution_A: float, center: np.ndarray,
-              xyz: np.ndarray, channel: np.ndarray, radius_A: float) -> None:
+              xyz: np.ndarray, channel: np.ndarray, radius_A: float, occupancy: np.ndarray | None = None) -> None:
     """Add atoms to ``img`` (C, n, n, n) on ``Grid(n, resolution_A, center)``: the library's kernel
-    (FractionAtom fill, Sum aggregation, occupancy 1), atoms added in their given order."""
+    (FractionAtom fill, Sum aggregation, each atom's contribution times its ``occupancy``, 1 if
+    None), atoms added in their given order."""
     n = len(xyz)
     _add_atoms_to_image(
         img, Grid(grid_voxels, resolution_A, np.asarray(center, dtype=np.float64)),
         np.ascontiguousarray(xyz[:, 0]), np.ascontiguousarray(xyz[:, 1]), np.ascontiguousarray(xyz[:, 2]),
-        np.full(n, radius_A), np.asarray(channel, dtype=np.int64), np.ones(n, dtype=np.uint32), np.ones(n),
+        np.full(n, radius_A), np.asarray(channel, dtype=np.int64), np.ones(n, dtype=np.uint32),
+        np.ones(n) if occupancy is None else np.ascontiguousarray(occupancy, dtype=np.float64),
         FillAlgorithm.FractionAtom, AggAlgorithm.Sum,
     )
 
