@@ -17,6 +17,7 @@ This module decides what runs; ``pipeline.cluster`` runs it on dask.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -34,7 +35,7 @@ from pipeline.cluster import dask_client, run_task, wait_all
 from pipeline.errors import BuildError, InputError
 from pipeline.inputs import expand_inputs, structure_ids
 from pipeline.lock import BuildLock, LockedError
-from pipeline.origins import OriginRule, read_origins_file
+from pipeline.origins import OriginRule, OriginsFile, read_origins_file
 from pipeline.parse import MMCIF_SUFFIXES
 from pipeline.tasks import lattice_write_task, scan_task, shard_pieces, write_task
 from pipeline.voxelize import ImageSpec, Storage, origin_rotations
@@ -65,6 +66,10 @@ class BuildParams:
     compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
     layout: str = "origins"     # fmt.LAYOUTS: one image per origin, or each structure's lattice once
     block_edge: int = fmt.DEFAULT_BLOCK_EDGE  # the lattice layout's blocks
+    # Which atoms: "asym", "first", an assembly id, or "origins" (the --origins file's assembly
+    # column); None: the file's column when it has one, else "asym" (build_cache resolves it).
+    assembly: str | None = None
+    occupancy: str = "one"      # fmt.OCCUPANCIES
 
     def cache_params(self, sources: list[Path]) -> fmt.CacheParams:
         """The format's record of these parameters and inputs: equal records resume a build."""
@@ -74,7 +79,7 @@ class BuildParams:
         return fmt.CacheParams(
             channels=tuple(tuple(c) for c in self.channels),
             image=fmt.ImageParams(**asdict(self.image)),
-            voxelizer=fmt.VoxelizerParams(**self.image.voxelizer_attrs()),
+            voxelizer=fmt.VoxelizerParams(**self.image.voxelizer_attrs(self.occupancy)),
             storage=self.storage.params(),
             origins=origins,
             rotations=self.rotations,
@@ -85,7 +90,8 @@ class BuildParams:
             keep_duplicates=self.keep_duplicates,
             compression=(fmt.Compression(self.compression, self.compression_level)
                          if self.compression != "none" else None),
-            lattice=fmt.LatticeParams(self.block_edge) if self.layout == "lattice" else None)
+            lattice=fmt.LatticeParams(self.block_edge) if self.layout == "lattice" else None,
+            assembly=self.assembly or fmt.ASSEMBLY_ASYM, occupancy=self.occupancy)
 
     @classmethod
     def from_cache(cls, params: fmt.CacheParams) -> "BuildParams":
@@ -98,6 +104,7 @@ class BuildParams:
                 rule.min_neighbors, rule.neighbor_radius_A, rule.min_spacing_A, rule.max_per_structure, rule.seed),
             rotations=params.rotations, origins_file=rule.path, origins_per_shard=params.origins_per_shard,
             keep_duplicates=params.keep_duplicates, exact_centers=not params.snapped,
+            assembly=params.assembly, occupancy=params.occupancy,
             **({"compression": params.compression.codec, "compression_level": params.compression.level}
                if params.compression else {}),
             **({"layout": "lattice", "block_edge": params.lattice.block_edge} if params.lattice else {}))
@@ -116,6 +123,7 @@ class BuildSummary:
     saturated_voxels: int = 0
     duplicates: list[fmt.InputNote] = field(default_factory=list)
     empty: list[fmt.InputNote] = field(default_factory=list)  # --origins rows with no atom in their image
+    asym_fallbacks: list[fmt.InputNote] = field(default_factory=list)  # an assembly asked, none recorded
     peak_worker_rss_bytes: dict | None = None  # {"scan"|"voxelize": a worker's largest peak RSS in a task}
 
 
@@ -168,11 +176,18 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
             raise InputError(f"{params.origins_file}: cannot read origins file ({exc.strerror or exc})") from None
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        unknown = sorted(set(listed) - set(ids))
+        unknown = sorted(set(listed.structures) - set(ids))
         if unknown:
             raise InputError(f"{params.origins_file}: {len(unknown)} structure ids match no input file: "
                              f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} "
                              f"(ids are file names without .cif/.cif.gz, e.g. {ids[0]})")
+    if listed is not None and listed.has_assembly:
+        if params.assembly is not None:
+            raise InputError(f"--assembly {params.assembly} and the assembly column of {params.origins_file} "
+                             "both choose the assemblies; give one of them")
+        params = dataclasses.replace(params, assembly=fmt.ASSEMBLY_FROM_ORIGINS)
+    elif params.assembly is None or params.assembly == fmt.ASSEMBLY_FROM_ORIGINS:
+        params = dataclasses.replace(params, assembly=fmt.ASSEMBLY_ASYM)
     fingerprint = params.cache_params(sources)
     try:
         lock = BuildLock(root).__enter__()
@@ -206,22 +221,29 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         workers = max(1, sum(client.nthreads().values()))
         per_task = max(1, min(SCAN_BATCH, len(todo) // (16 * workers)))  # small builds: balance first
         batches = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
-        listed_future = client.scatter(listed, broadcast=True) if listed is not None else None
+        listed_future = client.scatter(listed.structures, broadcast=True) if listed is not None else None
         box_half = params.image.grid_voxels * params.image.resolution_A / 2 + params.image.atom_radius_A
         lattice = ((params.block_edge, params.rotations, params.rule.seed) if params.layout == "lattice" else None)
+        assembly = fmt.ASSEMBLY_ASYM if params.assembly == fmt.ASSEMBLY_FROM_ORIGINS else params.assembly
         futures = [client.submit(run_task, scan_task, str(root), b, params.channels, params.rule, listed_future,
-                                 None if params.exact_centers else params.image, box_half, lattice, pure=False)
+                                 None if params.exact_centers else params.image, box_half, lattice, assembly,
+                                 params.occupancy, pure=False)
                    for b in batches]
         scanned = wait_all(futures, total=len(sources), initial=len(sources) - len(todo), desc="scan",
                            unit="file", progress=progress, weight=lambda r: len(r[0]))
 
         # Layout: origin ids from scan results in input order.
         table = _collect_scan(root, sources, ids, params.keep_duplicates)
+        if table.missing_assemblies:
+            # The input named an assembly a file does not define: a usage error, as an unknown
+            # --origins id is. Drop the build state, so the corrected command starts afresh.
+            shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)
+            raise InputError(_missing_assembly_message(table.missing_assemblies, params, listed))
         if table.n_origins == 0:
             raise BuildError(f"no origins in any input: all {len(table.failures)} files failed; "
                              "nothing to build", failures=table.failures)
-        layout = _write_layout(root, params, table) if params.layout == "origins" else \
-            _write_lattice_layout(root, params, table)
+        layout = _write_layout(root, params, table, listed) if params.layout == "origins" else \
+            _write_lattice_layout(root, params, table, listed)
 
         # Phase 2: write shards (of origins' images, or of lattice blocks).
         t_write = time.time()
@@ -257,9 +279,13 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
         fmt.write_array(root, fmt.CRC32, np.concatenate([d["crc32"] for d in done]))
     saturated = sum(int(d["saturated"]) for d in done)
     elapsed = time.time() - started
+    splits = {}
+    if listed is not None and listed.has_split:  # stored as `cache-tools split` stores them
+        splits = {"splits": split_names(listed), "split_params": {"origins_file": str(params.origins_file)}}
     attrs = fmt.update_attrs(
         root, complete=True, failures=tuple(table.failures), duplicates=tuple(table.duplicates),
-        empty=tuple(table.empty), metadata_crc32=fmt.metadata_checksums(root),
+        empty=tuple(table.empty), asym_fallbacks=tuple(table.asym_fallbacks),
+        metadata_crc32=fmt.metadata_checksums(root), **splits,
         build={**attrs.build,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "elapsed_s_last_run": round(elapsed, 2), "resumed": summary.resumed,
@@ -314,7 +340,10 @@ _PARAM_NAMES = {"channels": "--channels", "image": "--grid-voxels/--resolution/-
                 "voxelizer": "the macromol_voxelize version", "storage": "--dtype/--uint8-max",
                 "origins": "the origin rule (--min-neighbors, --neighbor-radius, --min-spacing, "
                            "--max-origins-per-structure, --seed or --origins)",
-                "rotations": "--rotations", "origins_per_shard": "--origins-per-shard"}
+                "rotations": "--rotations", "origins_per_shard": "--origins-per-shard",
+                "assembly": "--assembly", "occupancy": "--occupancy"}
+# Keys written only when they differ from these (caches built before them lack them).
+_PARAM_DEFAULTS = {"assembly": fmt.ASSEMBLY_ASYM, "occupancy": fmt.OCCUPANCIES[0], "keep_duplicates": False}
 
 
 def describe_changes(before: dict, now: dict) -> str:
@@ -324,11 +353,14 @@ def describe_changes(before: dict, now: dict) -> str:
         parts.append(f"the input file list differs: {before.get('n_inputs', '?')} inputs before, "
                      f"{now.get('n_inputs')} now")
     for key in sorted(set(before) | set(now)):
-        if key in ("inputs_sha256", "n_inputs") or before.get(key) == now.get(key):
+        old, new = before.get(key, _PARAM_DEFAULTS.get(key)), now.get(key, _PARAM_DEFAULTS.get(key))
+        if key in ("inputs_sha256", "n_inputs") or old == new:
             continue
-        old, new = before.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                    and not (key == "voxelizer" and k == "occupancy")]  # that one is --occupancy's, said below
+            if not diff:
+                continue
             detail = ", ".join(f"{k} {old.get(k)} before, {new.get(k)} now" for k in diff)
         else:
             detail = f"{old} before, {new} now"
@@ -351,6 +383,9 @@ class ScanTable:
     failures: list[fmt.InputNote] = field(default_factory=list)    # path, id, reason
     duplicates: list[fmt.InputNote] = field(default_factory=list)  # path, id, same_as
     empty: list[fmt.InputNote] = field(default_factory=list)       # path, id, reason
+    assemblies: list[str] = field(default_factory=list)   # the assembly each structure's atoms are
+    asym_fallbacks: list[fmt.InputNote] = field(default_factory=list)  # path, id, reason
+    missing_assemblies: list[tuple[str, str, str, str]] = field(default_factory=list)  # path, id, asked, reason
     ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) origins
     lattices: list[dict] = field(default_factory=list)    # lattice layout: scan's lattice_* fields of each
     block_ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [start, stop) blocks
@@ -365,6 +400,9 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
     first_with: dict[str, int] = {}  # content sha256 -> first input with it
     for i, src in enumerate(sources):
         res = write.load_npz(write.scan_path(root, i))
+        if "usage" in res:
+            table.missing_assemblies.append((str(src), ids[i], str(res["usage"]), str(res["reason"])))
+            continue
         if "reason" in res:
             table.failures.append(fmt.InputNote(str(src), ids[i], reason=str(res["reason"])))
             continue
@@ -377,6 +415,9 @@ def _collect_scan(root: Path, sources: list[Path], ids: list[str], keep_duplicat
             table.empty.append(fmt.InputNote(str(src), ids[i], reason=str(res["empty_origins"])))
         table.entry_ids.append(str(res["entry_id"]) if "entry_id" in res.keys() and str(res["entry_id"])
                                else fmt.entry_id_from_name(ids[i]))
+        table.assemblies.append(str(res["assembly"]) if "assembly" in res else fmt.ASSEMBLY_ASYM)
+        if str(res.get("assembly_note", "")):
+            table.asym_fallbacks.append(fmt.InputNote(str(src), ids[i], reason=str(res["assembly_note"])))
         table.file_index.append(i)
         table.ids.append(ids[i])
         table.paths.append(str(src))
@@ -402,8 +443,8 @@ def origins_per_shard(n_origins: int, origin_nbytes: int) -> int:
     return max(1, min(TARGET_SHARD_BYTES // origin_nbytes, -(-n_origins // 64)))
 
 
-def _write_tables(root: Path, params: BuildParams, table: ScanTable) -> None:
-    """The origin and structure tables every layout has."""
+def _write_tables(root: Path, params: BuildParams, table: ScanTable, listed: OriginsFile | None = None) -> None:
+    """The origin and structure tables every layout has (and the splits an --origins file gives)."""
     structure_index = np.repeat(np.arange(len(table.ids), dtype=np.int32),
                                 table.ranges[:, 1] - table.ranges[:, 0])
     fmt.write_array(root, fmt.CENTER, np.concatenate(table.centers).astype(np.float32))
@@ -411,6 +452,12 @@ def _write_tables(root: Path, params: BuildParams, table: ScanTable) -> None:
     fmt.write_ragged_strings(root, fmt.STRUCTURE_ID, table.ids)
     fmt.write_ragged_strings(root, fmt.STRUCTURE_SOURCE_PATH, table.paths)
     fmt.write_ragged_strings(root, fmt.STRUCTURE_ENTRY_ID, table.entry_ids)
+    if params.assembly != fmt.ASSEMBLY_ASYM:  # absent: every structure is its asymmetric unit
+        fmt.write_ragged_strings(root, fmt.STRUCTURE_ASSEMBLY, table.assemblies)
+    if listed is not None and listed.has_split:
+        names = split_names(listed)
+        fmt.write_array(root, fmt.STRUCTURE_SPLIT,
+                        np.array([names.index(listed.structures[sid].split) for sid in table.ids], dtype=np.uint8))
     fmt.write_array(root, fmt.STRUCTURE_SHA256,
                     np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in table.sha256]))
     fmt.write_array(root, fmt.STRUCTURE_ATOM_COUNT, np.array(table.n_atoms, dtype=np.int32))
@@ -423,9 +470,10 @@ def blocks_per_shard(n_blocks: int, block_nbytes: int) -> int:
     return max(1, min(LATTICE_SHARD_BYTES // block_nbytes, -(-n_blocks // 64)))
 
 
-def _write_lattice_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
+def _write_lattice_layout(root: Path, params: BuildParams, table: ScanTable,
+                          listed: OriginsFile | None = None) -> fmt.VoxelLayout:
     """Tables, lattice arrays (block ids assigned lattice by lattice in storage order), blocks metadata."""
-    _write_tables(root, params, table)
+    _write_tables(root, params, table, listed)
     lats = table.lattices
     grid = np.concatenate([np.concatenate([lat["lattice_corner"], lat["lattice_dims"]], axis=1) for lat in lats])
     cells_per_map = np.prod(grid[:, 3:], axis=1)
@@ -458,12 +506,13 @@ def _write_lattice_layout(root: Path, params: BuildParams, table: ScanTable) -> 
     return fmt.VoxelLayout(root, fmt.BLOCKS)
 
 
-def _write_layout(root: Path, params: BuildParams, table: ScanTable) -> fmt.VoxelLayout:
+def _write_layout(root: Path, params: BuildParams, table: ScanTable, listed: OriginsFile | None = None
+                  ) -> fmt.VoxelLayout:
     n = table.n_origins
     image_shape = params.image.shape if params.rotations == 1 else (params.rotations, *params.image.shape)
     origin_nbytes = int(np.prod(image_shape)) * np.dtype(params.storage.dtype).itemsize
     per_shard = params.origins_per_shard or origins_per_shard(n, origin_nbytes)
-    _write_tables(root, params, table)
+    _write_tables(root, params, table, listed)
     if params.rotations > 1:
         mats = np.stack([origin_rotations(params.rule.seed, o, params.rotations) for o in range(n)])
         fmt.write_array(root, fmt.ROTATION, mats.astype(np.float32))
@@ -484,5 +533,30 @@ def _summarize(root: Path, attrs: fmt.CacheAttrs, summary: BuildSummary, started
     summary.saturated_voxels = attrs.saturated_voxels
     summary.duplicates = list(attrs.duplicates)
     summary.empty = list(attrs.empty)
+    summary.asym_fallbacks = list(attrs.asym_fallbacks)
     summary.peak_worker_rss_bytes = attrs.build.get("peak_worker_rss_bytes")
     return summary
+
+
+def split_names(listed: OriginsFile) -> tuple[str, ...]:
+    """The split names of an --origins file with a split column, coded as `cache-tools split`
+    codes them: train, val, test, then any other name in the order the file first uses it."""
+    from cache_tools.commands.split import SPLIT_NAMES
+
+    names = list(SPLIT_NAMES)
+    for rows in listed.structures.values():
+        if rows.split not in names:
+            names.append(rows.split)
+    if len(names) > 255:
+        raise InputError(f"{listed.path}: {len(names)} split names; at most 255 fit the uint8 split codes")
+    return tuple(names)
+
+
+def _missing_assembly_message(missing: list[tuple[str, str, str, str]], params: BuildParams,
+                              listed: OriginsFile | None) -> str:
+    """One line: the first input whose named assembly does not exist, where it was named."""
+    path, sid, asked, reason = missing[0]
+    more = f" (and {len(missing) - 1} more inputs)" if len(missing) > 1 else ""
+    if listed is not None and listed.has_assembly and sid in listed.structures:
+        return f"{listed.where(sid)}: structure {sid} ({path}): {reason}{more}"
+    return f"--assembly {asked}: {sid} ({path}): {reason}{more}"

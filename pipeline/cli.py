@@ -14,7 +14,8 @@ import os
 import sys
 
 from cache_tools.format import (COMPRESSIONS, DEFAULT_BLOCK_EDGE, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL,
-                                DEFAULT_LAYOUT, LAYOUTS, STORAGE_DTYPES, UINT8_DEFAULT_MAX)
+                                DEFAULT_LAYOUT, LAYOUTS, OCCUPANCIES, STORAGE_DTYPES, UINT8_DEFAULT_MAX,
+                                check_assembly)
 from cache_tools.commands.options import (OneLineParser, human_bytes, non_negative_float, non_negative_int,
                                           positive_float, positive_int)
 
@@ -50,6 +51,17 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                         "training time (README, 'The lattice layout') (default: %(default)s)")
     g.add_argument("--block-edge", type=positive_int, default=DEFAULT_BLOCK_EDGE,
                    help="with --layout lattice: voxels per side of a stored block (default: %(default)s)")
+    g.add_argument("--assembly", metavar="{asym,first,ID}", default=None,
+                   help="which atoms: asym, the asymmetric unit (first model; the default); first, the "
+                        "first biological assembly of each file (_pdbx_struct_assembly, built by gemmi); or "
+                        "the assembly with this id (e.g. 2). A file without assembly records is used as its "
+                        "asymmetric unit for first or 1 (counted, listed as ASYM); an id a file does not "
+                        "define stops the build (exit 2). An --origins file's assembly column sets it per "
+                        "structure instead")
+    g.add_argument("--occupancy", choices=OCCUPANCIES, default=OCCUPANCIES[0],
+                   help="one: the first conformer of each atom, at weight 1; weight: every alternate "
+                        "conformer, each contributing its occupancy times its image, as "
+                        "macromol_voxelize.image_from_atoms does (default: %(default)s)")
     g.add_argument("--rotations", type=positive_int, default=1,
                    help="images per origin: the canonical one plus K-1 seeded random rotations "
                         "(atoms rotated before voxelizing) (default: %(default)s)")
@@ -67,7 +79,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep inputs whose content is byte-identical to an earlier input (by default "
                         "they are skipped and listed: the same images twice would leak across splits)")
     g.add_argument("--origins", metavar="FILE",
-                   help="CSV 'structure_id,x,y,z' of origins to use instead of the neighbour rule")
+                   help="CSV 'structure_id,x,y,z' of origins to use instead of the neighbour rule; with a "
+                        "header row, optional columns split (stored as `cache-tools split` stores splits) "
+                        "and assembly (asym, first or an id, per structure); "
+                        "workflows/from_macromol_gym.py writes one from a macromol_gym database")
     g.add_argument("--exact-centers", action="store_true",
                    help="centre images exactly on the origins and voxelize each one on its own "
                         "(about 10x slower); by default centres are snapped to the image lattice "
@@ -117,6 +132,14 @@ def params_from_args(args: argparse.Namespace):
     from pipeline.voxelize import ImageSpec, Storage
 
     channels = parse_channels(args.channels)
+    if args.assembly is not None:
+        try:
+            check_assembly(args.assembly)
+        except ValueError as exc:
+            raise ValueError(f"--assembly: {exc}") from None
+        if args.assembly == "origins":
+            raise ValueError("--assembly origins: an --origins file's assembly column chooses the assembly of "
+                             "each structure by itself; leave --assembly out")
     if args.uint8_max is not None and args.dtype != "uint8":
         raise ValueError(f"--uint8-max applies only with --dtype uint8 (got --dtype {args.dtype})")
     uint8_max = UINT8_DEFAULT_MAX if args.uint8_max is None else args.uint8_max
@@ -151,6 +174,7 @@ def params_from_args(args: argparse.Namespace):
         keep_duplicates=args.keep_duplicates,
         compression=args.compression, compression_level=args.compression_level,
         layout=args.layout, block_edge=args.block_edge,
+        assembly=args.assembly, occupancy=args.occupancy,
     )
 
 
@@ -203,6 +227,8 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"FAILED {failure.path}: {failure.reason}", file=sys.stderr)
     for note in summary.empty:
         print(f"EMPTY {note.path}: {note.reason}", file=sys.stderr)
+    for note in summary.asym_fallbacks:
+        print(f"ASYM {note.path}: {note.reason}", file=sys.stderr)
     for dup in summary.duplicates:
         print(f"SKIPPED {dup.path}: same content as {dup.same_as} (--keep-duplicates keeps it)",
               file=sys.stderr)
@@ -218,6 +244,8 @@ def run_build(args: argparse.Namespace) -> int:
           (f"\n  memory:     peak RSS per worker {human_bytes(peak['scan'])} (scan), {human_bytes(peak['voxelize'])} (voxelize)"
            if (peak := summary.peak_worker_rss_bytes) and peak.get("scan") and peak.get("voxelize")
            and not summary.already_complete else "") +
+          (f"\n  assembly:   {len(summary.asym_fallbacks)} structures without assembly records hold their "
+           "asymmetric unit (listed as ASYM)" if summary.asym_fallbacks else "") +
           (f"\n  saturated:  {summary.saturated_voxels} voxels clipped at --uint8-max {params.storage.uint8_max}"
            if summary.saturated_voxels else ""))
     return 0

@@ -70,8 +70,9 @@ class LatticeVoxelizer:
     """Stored bytes of a lattice's blocks, in the order asked (the storage order)."""
 
     def __init__(self, xyz: np.ndarray, channel: np.ndarray, spec: ImageSpec, storage: Storage, edge: int,
-                 corner: np.ndarray, dims: np.ndarray, tile_bytes: int = TILE_BYTES):
-        self.xyz, self.channel = xyz, channel.astype(np.int64)
+                 corner: np.ndarray, dims: np.ndarray, tile_bytes: int = TILE_BYTES,
+                 occupancy: np.ndarray | None = None):
+        self.xyz, self.channel, self.occupancy = xyz, channel.astype(np.int64), occupancy  # occupancy: weights or None
         self.spec, self.storage, self.edge = spec, storage, edge
         self.corner, self.dims = np.asarray(corner, np.int64), np.asarray(dims, np.int64)
         self.per_tile = tile_blocks(spec, edge, tile_bytes)
@@ -108,7 +109,8 @@ class LatticeVoxelizer:
                     reach |= hit
         near = np.flatnonzero(reach)                                  # in atom order: the same sums
         img = np.zeros((spec.n_channels, side, side, side), np.float32)
-        add_atoms(img, side, res, lo * res + side * res / 2, self.xyz[near], self.channel[near], r)
+        add_atoms(img, side, res, lo * res + side * res / 2, self.xyz[near], self.channel[near], r,
+                  None if self.occupancy is None else self.occupancy[near])
         self.tiles += 1
         self.atoms_voxelized += len(near)
         return np.ascontiguousarray(img.transpose(1, 2, 3, 0))

@@ -72,22 +72,111 @@ def _thin(xyz: np.ndarray, order: np.ndarray, spacing: float, cap: int = 0) -> n
     return order[np.asarray(kept, dtype=np.int64)]
 
 
-def read_origins_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Read ``--origins FILE``: CSV rows ``structure_id,x,y,z`` (a header row is allowed)."""
-    by_structure: dict[str, list[tuple[float, float, float]]] = {}
+@dataclass(frozen=True)
+class Listed:
+    """One structure's rows of ``--origins FILE``: its centres, and the split and assembly
+    its rows name (None without that column); ``line`` is its first row's line number."""
+    centers: np.ndarray        # (k, 3) float64, Å
+    line: int
+    split: str | None = None
+    assembly: str | None = None
+
+
+@dataclass(frozen=True)
+class OriginsFile:
+    """``--origins FILE`` parsed: rows grouped by structure id (lower-cased), in file order."""
+    path: str
+    structures: dict[str, Listed]
+    has_split: bool = False
+    has_assembly: bool = False
+
+    def where(self, sid: str) -> str:
+        """'origins.csv:12' of a structure's first row, for messages."""
+        return f"{self.path}:{self.structures[sid].line}"
+
+
+COLUMNS = ("structure_id", "x", "y", "z")
+OPTIONAL_COLUMNS = ("split", "assembly")
+
+
+def _columns(path, header: list[str]) -> dict[str, int] | None:
+    """Column positions named by a header row, or None for today's positional 4 columns."""
+    names = [h.strip().lower() for h in header]
+    if len(names) == 4 and not set(names) & set(OPTIONAL_COLUMNS):
+        return None  # any 4-column header (e.g. "id,x,y,z"): positional, as before names were read
+    unknown = [h for h in names if h not in COLUMNS + OPTIONAL_COLUMNS]
+    missing = [c for c in COLUMNS if c not in names]
+    if unknown or missing or len(set(names)) != len(names):
+        problem = (f"unknown column {unknown[0]!r}" if unknown else f"no column {missing[0]!r}" if missing
+                   else "a column is named twice")
+        raise ValueError(f"{path}:1: {problem} in the header (columns: {', '.join(COLUMNS)}, and optionally "
+                         f"{' and '.join(OPTIONAL_COLUMNS)})")
+    return {name: names.index(name) for name in names}
+
+
+def read_origins_file(path: str | Path) -> OriginsFile:
+    """Read ``--origins FILE``: CSV rows ``structure_id,x,y,z``, optionally with columns
+    ``split`` and ``assembly`` named by a header row (a header row is always allowed).
+
+    Raises ValueError naming the row: fields that are not numbers, an empty or malformed
+    split or assembly value, or a structure whose rows disagree on its split or assembly.
+    """
+    from cache_tools.format import check_assembly, check_name
+
+    by_structure: dict[str, dict] = {}
+    columns: dict[str, int] | None = None
+    width, first = 4, True
     with open(path, newline="", encoding="utf-8") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
             if not row or row[0].startswith("#"):
                 continue
-            if len(row) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'structure_id,x,y,z', got {len(row)} fields")
+            header, first = first, False
+            if header and len(row) >= 4 and not _numbers(row[1:4] if len(row) == 4 else row):
+                columns = _columns(path, row)
+                width = len(row)
+                continue
+            if len(row) != width:
+                expected = "structure_id,x,y,z" if columns is None else ",".join(sorted(columns, key=columns.get))
+                raise ValueError(f"{path}:{lineno}: expected {width} fields '{expected}', got {len(row)}")
+            at = columns or dict(zip(COLUMNS, range(4)))
+            coords = [row[at[c]] for c in ("x", "y", "z")]
             try:
-                xyz = (float(row[1]), float(row[2]), float(row[3]))
+                xyz = tuple(float(v) for v in coords)
             except ValueError:
-                if lineno == 1:
-                    continue  # header
-                raise ValueError(f"{path}:{lineno}: coordinates are not numbers: {row[1:]}") from None
+                raise ValueError(f"{path}:{lineno}: coordinates are not numbers: {coords}") from None
             if not all(np.isfinite(xyz)):
-                raise ValueError(f"{path}:{lineno}: coordinates are not finite: {row[1:]}")
-            by_structure.setdefault(row[0].strip().lower(), []).append(xyz)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in by_structure.items()}
+                raise ValueError(f"{path}:{lineno}: coordinates are not finite: {coords}")
+            sid = row[at["structure_id"]].strip().lower()
+            entry = by_structure.setdefault(sid, {"centers": [], "line": lineno})
+            entry["centers"].append(xyz)
+            for column, check in (("split", lambda v: check_name("split", v)), ("assembly", check_assembly)):
+                if column not in at:
+                    continue
+                value = row[at[column]].strip()
+                if not value:
+                    raise ValueError(f"{path}:{lineno}: empty {column} value for structure {sid!r} "
+                                     "(every row needs one)")
+                try:
+                    check(value)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{lineno}: {exc}") from None
+                before = entry.setdefault(column, value)
+                if before != value:
+                    raise ValueError(f"{path}:{lineno}: structure {sid!r} has {column} {value!r} here but "
+                                     f"{before!r} on line {entry['line']} (a structure has one {column})")
+    return OriginsFile(str(path), {sid: Listed(np.asarray(e["centers"], dtype=np.float64), e["line"],
+                                               e.get("split"), e.get("assembly"))
+                                   for sid, e in by_structure.items()},
+                       has_split=columns is not None and "split" in columns,
+                       has_assembly=columns is not None and "assembly" in columns)
+
+
+def _numbers(fields: list[str]) -> bool:
+    """Whether any of ``fields`` is a number (a data row has three; a header row none)."""
+    for f in fields:
+        try:
+            float(f)
+            return True
+        except ValueError:
+            continue
+    return False

@@ -49,12 +49,14 @@ def find_sources(paths: list[str]) -> dict[str, Path]:
     return dict(zip(structure_ids(found), found))
 
 
-def reference_encoder(attrs: fmt.CacheAttrs, source: str | os.PathLike) -> Callable[[np.ndarray, np.ndarray | None], bytes]:
+def reference_encoder(attrs: fmt.CacheAttrs, source: str | os.PathLike,
+                      assembly: str = fmt.ASSEMBLY_ASYM) -> Callable[[np.ndarray, np.ndarray | None], bytes]:
     """(centre, rotations or None) -> the stored bytes the build writes for an origin of
-    ``source``, voxelized on its own (the per-origin reference). Raises ParseError."""
+    ``source`` (whose recorded assembly is ``assembly``, ``fmt.assemblies``), voxelized on its
+    own with the cache's occupancy rule (the per-origin reference). Raises ParseError."""
     params = BuildParams.from_cache(attrs.params)
-    atoms = parse_atoms(source, params.channels)
-    encoder = OriginEncoder(atoms.xyz, atoms.channel, params.image, params.storage)
+    atoms = parse_atoms(source, params.channels, assembly, params.occupancy)
+    encoder = OriginEncoder(atoms.xyz, atoms.channel, params.image, params.storage, atoms.occupancy)
     return lambda center, rotations=None: encoder.encode(center, rotations)[0]
 
 
@@ -93,6 +95,7 @@ def _rebuild(root: Path, shards: list[int], sources: dict[int, Path], params: Bu
     layout = fmt.VoxelLayout(root)
     ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
     atom_count = fmt.read_array(root, fmt.STRUCTURE_ATOM_COUNT)
+    assemblies = fmt.assemblies(root)
     crc32 = fmt.read_array(root, fmt.CRC32)
     (root / fmt.BUILD_DIR).mkdir(exist_ok=True)
     try:
@@ -102,13 +105,14 @@ def _rebuild(root: Path, shards: list[int], sources: dict[int, Path], params: Bu
                 if write.atoms_path(root, k).exists():
                     continue
                 try:
-                    atoms = parse_atoms(sources[k], params.channels)
+                    atoms = parse_atoms(sources[k], params.channels, assemblies[k], params.occupancy)
                 except ParseError as exc:
                     raise BuildError(f"{sources[k]}: {exc}") from None
                 if len(atoms) != atom_count[k]:
                     raise BuildError(f"{sources[k]}: parses to {len(atoms)} atoms, the cache recorded "
                                      f"{atom_count[k]} (parse rules changed?); rebuild the cache instead")
-                write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8))
+                write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
+                                  **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
             lo = shard * layout.origins_per_shard
             try:
                 write_task(str(root), [shard], pieces, params.image, params.storage, params.rotations,
@@ -145,13 +149,14 @@ def spot_check(c: Cache, files: list[Path | None], usable: list[bool], n: int, s
     centers = fmt.read_array(c.root, fmt.CENTER)
     mats = fmt.read_array(c.root, fmt.ROTATION) if rotations > 1 else None
     layout = c.layout
+    assemblies = fmt.assemblies(c.root)
     encoder, current = None, -1
     for origin in tqdm(chosen.tolist(), desc="spot check", unit="origin", disable=not progress):
         k = int(np.searchsorted(c.ranges[:, 1], origin, side="right"))
         if k != current:
             current = k
             try:
-                encoder = reference_encoder(c.attrs, files[k])
+                encoder = reference_encoder(c.attrs, files[k], assemblies[k])
             except ParseError as exc:
                 c.report("spot-check", f"source no longer parses: {exc}", origin, origin)
                 encoder = None

@@ -17,23 +17,28 @@ from pipeline.cluster import peak_rss_bytes, reset_peak_rss
 from pipeline.encode import LatticeEncoder, OriginEncoder, snap_centers, tile_order
 from pipeline.lattice import LatticeVoxelizer
 from pipeline.lattice import scan_fields as lattice_scan_fields
-from pipeline.origins import OriginRule, pick_origins
-from pipeline.parse import ParseError, check_source, parse_atoms
+from pipeline.origins import Listed, OriginRule, pick_origins
+from pipeline.parse import AssemblyError, ParseError, check_source, parse_atoms
 from pipeline.voxelize import ImageSpec, Storage
 
 
 def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[str]],
-              rule: OriginRule, listed: dict[str, np.ndarray] | None,
+              rule: OriginRule, listed: dict[str, Listed] | None,
               snap: ImageSpec | None = None, box_half_A: float = np.inf,
-              lattice: tuple[int, int, int] | None = None) -> tuple[list[tuple[int, int]], int]:
+              lattice: tuple[int, int, int] | None = None,
+              assembly: str = fmt.ASSEMBLY_ASYM, occupancy: str = "one") -> tuple[list[tuple[int, int]], int]:
     """Parse files and pick their origins; returns ([(file index, origins or -1 on failure)],
     the worker's peak RSS during the task).
 
+    ``listed``: the --origins file's structures (their centres, and the assembly a row names,
+    which overrides ``assembly``). ``assembly``, ``occupancy``: which atoms (pipeline.parse).
     ``snap``: move the centres to that image lattice (pipeline.encode), picked or listed alike.
     ``box_half_A``: an atom touches an image only within this distance of its centre
     along every axis; listed origins with no atom that close (empty images) are counted.
     ``lattice``: (block edge, copies, seed) of a lattice-layout build: also record each
     structure's blocks (``pipeline.lattice.scan_fields``).
+    An assembly named by id that a file lacks is recorded as a failure marked ``usage``:
+    the build stops with a usage error (the input asked for the impossible), not a FAILED line.
     """
     reset_peak_rss()
     out = []
@@ -46,15 +51,16 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             reason = str(exc)
         except OSError as exc:
             reason = f"cannot read: {exc.strerror or exc}"
-        n, empty, blocks = -1, "", {}
+        n, empty, blocks, usage = -1, "", {}, False
+        rows = listed.get(sid) if listed is not None else None
+        wanted = rows.assembly if rows is not None and rows.assembly is not None else assembly
         if reason is None:
             try:
-                atoms = parse_atoms(source, channels)
+                atoms = parse_atoms(source, channels, wanted, occupancy)
                 if listed is not None:
-                    centers = listed.get(sid, np.zeros((0, 3)))
-                    if len(centers) == 0:
+                    if rows is None:
                         raise ParseError(f"no origins for id '{sid}' in the --origins file")
-                    asked = centers
+                    centers = asked = rows.centers
                     if snap is not None:  # judged where the images will be, not where they were asked for
                         centers = snap_centers(centers, snap)
                     empty = empty_origins(atoms.xyz, centers, box_half_A, listed=asked)
@@ -66,6 +72,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
                             f"{rule.neighbor_radius_A} Å ({len(atoms)} heavy atoms)")
                 if lattice is not None:
                     blocks = lattice_scan_fields(atoms.xyz, snap, *lattice, sha)
+            except AssemblyError as exc:
+                reason, usage = str(exc), True
             except ParseError as exc:
                 reason = str(exc)
             except (ImportError, MemoryError):
@@ -75,8 +83,8 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
         # Writes into the store stay outside the try: an OSError here (a full disk) is not the
         # file's fault, so it stops the build (resumable) instead of recording the file as failed.
         if reason is None:
-            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz,
-                              channel=atoms.channel.astype(np.int8))
+            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
+                              **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
             n = len(centers)
             if snap is not None:
                 centers = snap_centers(centers, snap)  # idempotent for listed centres
@@ -84,10 +92,12 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
             write.publish_npz(write.scan_path(root, index), centers=centers.astype(np.float32),
                               n_atoms=np.int64(len(atoms)), sha256=np.array(sha),
                               entry_id=np.array(atoms.entry_id), empty_origins=np.array(empty),
+                              assembly=np.array(atoms.assembly), assembly_note=np.array(atoms.assembly_note),
                               **metadata.scan_fields(atoms.block, atoms.n_models, atoms.n_chains), **blocks)
         else:
             write.publish_npz(write.scan_path(root, index), reason=np.array(reason), sha256=np.array(sha),
-                              source=np.array(source), id=np.array(sid))  # shown by `info` mid-build
+                              source=np.array(source), id=np.array(sid),  # shown by `info` mid-build
+                              **({"usage": np.array(wanted)} if usage else {}))
         out.append((index, n))
     return out, peak_rss_bytes()
 
@@ -133,7 +143,7 @@ def write_task(root: str, shards: list[int], pieces: list[tuple[int, int, int]],
         nonlocal saturated
         for index, start, stop in pieces:
             atoms = write.load_npz(write.atoms_path(root, index))
-            encoder = encoder_class(atoms["xyz"], atoms["channel"], spec, storage)
+            encoder = encoder_class(atoms["xyz"], atoms["channel"], spec, storage, occupancy=atoms.get("occupancy"))
             for stored, sat in encoder.encode_many(np.asarray(centers[start:stop], dtype=np.float64),
                                                    mats[start:stop] if mats is not None else None):
                 saturated += sat
@@ -180,7 +190,8 @@ def lattice_write_task(root: str, shards: list[int], pieces: list[tuple[tuple[in
                     continue
                 cells = fmt.storage_cells(block_map[map_start[lat]:map_start[lat + 1]])
                 xyz = atoms["xyz"] if mats is None else fmt.copy_frame(atoms["xyz"], mats[row, copy], centers[row], copy)
-                voxelizer = LatticeVoxelizer(xyz, atoms["channel"], spec, storage, edge, grid[lat, :3], grid[lat, 3:])
+                voxelizer = LatticeVoxelizer(xyz, atoms["channel"], spec, storage, edge, grid[lat, :3], grid[lat, 3:],
+                                             occupancy=atoms.get("occupancy"))
                 for stored, sat, fill in voxelizer.blocks(cells[a - lo:b - lo]):
                     saturated += sat
                     fills.append(fill)
