@@ -62,6 +62,25 @@ def test_arguments_pass_through(split_cache):
     assert len(other.val_dataloader().dataset) == len(other.train_dataloader().dataset)
 
 
+def test_multiprocessing_context_passes_through(split_cache):
+    """A spawn worker (what macromol_gym's DataModules use) reads the same batch the main process does."""
+    dm = VoxelCacheDataModule(split_cache, split="train", batch_size=4, num_workers=1, shuffle=False,
+                              multiprocessing_context="spawn")
+    loader = dm.train_dataloader()
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    assert dm.val_dataloader().multiprocessing_context.get_start_method() == "spawn"
+    batch = next(iter(loader))
+    expected = dm.train_dataset[[0, 1, 2, 3]]  # epoch 0, the same cube rotations
+    assert batch["origin_id"].tolist() == expected["origin_id"].tolist()
+    assert torch.equal(batch["image"], expected["image"])
+    for context in ("fork", "forkserver"):
+        assert VoxelCacheDataModule(split_cache, num_workers=2, multiprocessing_context=context
+                                    ).train_dataloader().multiprocessing_context.get_start_method() == context
+    # without workers there is nothing to start (torch refuses a context then): not passed
+    assert VoxelCacheDataModule(split_cache, multiprocessing_context="spawn").train_dataloader(
+    ).multiprocessing_context is None
+
+
 def test_fit_two_epochs_each_origin_once_rotations_advance(split_cache):
     dm = VoxelCacheDataModule(split_cache, split="train", batch_size=8, num_workers=2, drop_last=False)
     model = CentreTask(4, record=True)

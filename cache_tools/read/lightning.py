@@ -24,6 +24,7 @@ What it does for the user:
 """
 from __future__ import annotations
 
+import multiprocessing.context
 import os
 from typing import Any, Callable
 
@@ -106,15 +107,19 @@ class VoxelCacheDataModule(L.LightningDataModule):
     Pass-through: ``batch_size`` (``val_batch_size`` defaults to it), ``num_workers``,
     ``pin_memory``, ``drop_last`` (training only), ``persistent_workers`` (default:
     on whenever there are workers, as Lightning keeps both loaders alive anyway),
-    ``shuffle``, ``seed`` (sampler order and rotations), ``transform``, ``prefetch``
-    and ``dataset_kwargs`` for :class:`VoxelCacheDataset`.
+    ``multiprocessing_context`` (``"fork"``, ``"spawn"``, ``"forkserver"`` or a context
+    object; None: torch's default, fork on Linux; used only when there are workers: the
+    README's memory section says what each costs), ``shuffle``, ``seed`` (sampler order and
+    rotations), ``transform``, ``prefetch`` and ``dataset_kwargs`` for :class:`VoxelCacheDataset`.
     """
 
     def __init__(self, cache: str | os.PathLike, split: str | None = None, subset: str | None = None, *,
                  val_cache: str | os.PathLike | None = None, val_split: str | None = None,
                  val_subset: str | None = None, batch_size: int = 64, val_batch_size: int | None = None,
                  num_workers: int = 0, pin_memory: bool = False, drop_last: bool = True,
-                 persistent_workers: bool | None = None, shuffle: bool = True, rotate: bool = True,
+                 persistent_workers: bool | None = None,
+                 multiprocessing_context: str | multiprocessing.context.BaseContext | None = None,
+                 shuffle: bool = True, rotate: bool = True,
                  seed: int = 0, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  prefetch: bool | None = None, dataset_kwargs: dict[str, Any] | None = None,
                  grid_voxels: int | None = None, jitter_voxels: int = 0,
@@ -126,6 +131,7 @@ class VoxelCacheDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.multiprocessing_context = multiprocessing_context
         self.shuffle, self.rotate, self.seed = shuffle, rotate, seed
         self.transform, self.prefetch = transform, prefetch
         self.dataset_kwargs = dataset_kwargs or {}
@@ -188,7 +194,9 @@ class VoxelCacheDataModule(L.LightningDataModule):
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=batch_collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=drop_last,
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+                          persistent_workers=self.persistent_workers and self.num_workers > 0,
+                          # torch refuses a context without workers: it would have nothing to start
+                          multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
