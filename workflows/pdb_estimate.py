@@ -45,19 +45,21 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
     ranges = fmt.read_array(cache, fmt.STRUCTURE_ORIGIN_RANGE)
     centers = fmt.read_array(cache, fmt.CENTER)
     paths = fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH)
+    assemblies = fmt.assemblies(cache)  # the atoms the build voxelized: assembly and occupancy as built
     parse_s, atoms = [], []
     rng = np.random.default_rng(0)
     measured = np.sort(rng.choice(len(ranges), size=min(sample_structures, len(ranges)), replace=False))
     for k in measured:
         t = time.perf_counter()
-        atoms.append(parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels]))
+        atoms.append(parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels], assemblies[k],
+                                 params.occupancy))
         parse_s.append(time.perf_counter() - t)
     if params.snapped:  # the build's cost: each structure's tiles, then crops
         mats = fmt.read_array(cache, fmt.ROTATION) if params.rotations > 1 else None
         compress = fmt.encoder(fmt.VoxelLayout(cache).codec)  # the write task's per-origin work too
         t = time.perf_counter()
         for a, k in zip(atoms, measured):
-            encoder = LatticeEncoder(a.xyz, a.channel, spec, Storage("float32"))
+            encoder = LatticeEncoder(a.xyz, a.channel, spec, Storage("float32"), occupancy=a.occupancy)
             run = slice(ranges[k, 0], ranges[k, 1])
             for stored, _ in encoder.encode_many(centers[run].astype(np.float64),
                                                  mats[run] if mats is not None else None):
@@ -73,7 +75,8 @@ def measure(cache: str, sample_origins: int = 200, sample_structures: int = 40) 
     structure_of = np.searchsorted(ranges[:, 1], origins, side="right")
     t = time.perf_counter()
     for origin, k in zip(origins, structure_of):
-        voxelize(atoms[k].xyz, atoms[k].channel, centers[origin].astype(np.float64), spec)
+        voxelize(atoms[k].xyz, atoms[k].channel, centers[origin].astype(np.float64), spec,
+                 occupancy=atoms[k].occupancy)
     return _result(ranges, parse_s, (time.perf_counter() - t) / len(origins), cache, params)
 
 
