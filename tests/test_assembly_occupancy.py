@@ -182,6 +182,19 @@ def test_assembly_cache_opens_in_every_command(assembly_cache, tmp_path, capsys)
     assert "spot-check: origin" in out and "structure 3fy3" in out and "differs from the re-voxelized" in out
 
 
+def test_repair_rewrites_shards_with_the_cache_assembly_and_occupancy(assembly_cache, tmp_path, capsys):
+    root = shutil.copytree(assembly_cache, tmp_path / "c.zarr")
+    layout = fmt.VoxelLayout(root)
+    ranges = fmt.read_array(root, fmt.STRUCTURE_ORIGIN_RANGE)
+    shards = sorted({int(ranges[k, 0]) // layout.origins_per_shard for k in range(len(ranges))})
+    before = {s: layout.shard_path(s).read_bytes() for s in shards}
+    for s in shards:  # the first shard of every structure: 3fy3, 1qjg (assembly 1) and 1qjg_clean (asym)
+        layout.shard_path(s).unlink()
+    assert pipeline_main(["check", str(root), "--repair", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("repaired: ") == len(shards) == 3
+    assert {s: layout.shard_path(s).read_bytes() for s in shards} == before
+
+
 def test_old_and_default_caches_read_as_asymmetric_unit_at_occupancy_one(cache_factory, capsys):
     root = cache_factory()
     attrs = fmt.read_attrs(root)
