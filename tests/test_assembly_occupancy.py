@@ -15,6 +15,7 @@ import macromol_voxelize as mmvox
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
@@ -193,6 +194,24 @@ def test_repair_rewrites_shards_with_the_cache_assembly_and_occupancy(assembly_c
     assert pipeline_main(["check", str(root), "--repair", "--quiet"]) == 0
     assert capsys.readouterr().out.count("repaired: ") == len(shards) == 3
     assert {s: layout.shard_path(s).read_bytes() for s in shards} == before
+
+
+def test_lattice_layout_views_are_the_fields_images_too(assembly_cache, tmp_path):
+    """--layout lattice with --assembly first --occupancy weight: every origin's view equals the
+    per-origin cache's image and image_from_atoms on the field's atoms at its centre."""
+    out = tmp_path / "lattice.zarr"
+    build_cache([str(DATA / f) for f in ASSEMBLY_FILES], out,
+                small_params(max_origins=4, assembly="first", occupancy="weight", layout="lattice"),
+                workers=1, progress=False)
+    assert fmt.assemblies(out) == fmt.assemblies(assembly_cache) == ["1", "asym", "1"]  # 1qjg, 1qjg_clean, 3fy3
+    lattice, origins = VoxelCacheDataset(out), VoxelCacheDataset(assembly_cache)
+    ids = list(range(len(origins)))
+    a, b = lattice[ids], origins[ids]
+    assert len(lattice) == len(origins) == 12 and torch.equal(a["image"], b["image"])
+    theirs = {k: their_atoms(DATA / f, "first", "weight") for k, f in enumerate(sorted(ASSEMBLY_FILES))}
+    for i in ids:
+        expected = reference_image(theirs[int(a["structure_index"][i])], a["center_A"][i].double().numpy(), 11)
+        assert np.array_equal(a["image"][i].numpy(), expected), i
 
 
 def test_old_and_default_caches_read_as_asymmetric_unit_at_occupancy_one(cache_factory, capsys):
