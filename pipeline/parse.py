@@ -229,7 +229,8 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]], assembly: st
                 occs.append(atom.occ)
     where = "" if used == ASSEMBLY_ASYM else f" of assembly {used}"
     if not chans and unlisted:
-        raise ParseError(f"no atom matches a channel: the heavy atoms{where} are "
+        raise ParseError(f"no atom matches a channel: the "
+                         f"{'first model' if used == ASSEMBLY_ASYM else f'assembly {used}'}'s heavy atoms are "
                          f"{', '.join(sorted(unlisted))}, none of them in --channels "
                          f"{','.join('|'.join(c) for c in channels)}")
     if not chans:
