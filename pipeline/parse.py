@@ -226,7 +226,8 @@ def parse_atoms(path: str | os.PathLike, channels: list[list[str]], assembly: st
                                      "missing or non-numeric coordinates in _atom_site.Cartn_x/y/z")
                 coords.append((p.x, p.y, p.z))
                 chans.append(ch)
-                occs.append(atom.occ)
+                if weighted:
+                    occs.append(atom.occ)
     where = "" if used == ASSEMBLY_ASYM else f" of assembly {used}"
     if not chans and unlisted:
         raise ParseError(f"no atom matches a channel: the "
