@@ -101,17 +101,19 @@ def measure_lattice(cache: str, sample_structures: int = 40) -> dict:
     centers = fmt.read_array(cache, fmt.LATTICE_ROTATION_CENTER) if copies > 1 else None
     measured = np.sort(np.random.default_rng(0).choice(len(ranges), size=min(sample_structures, len(ranges)),
                                                        replace=False))
+    assemblies = fmt.assemblies(cache)
     parse_s, work_s = [], 0.0
     for k in measured.tolist():
         t = time.perf_counter()
-        atoms = parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels])
+        atoms = parse_atoms(fmt.ragged_item(*paths, k), [list(c) for c in params.channels], assemblies[k],
+                            params.occupancy)
         parse_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         for copy in range(copies):
             lat = k * copies + copy
             xyz = atoms.xyz if mats is None else fmt.copy_frame(atoms.xyz, mats[k, copy], centers[k], copy)
             voxelizer = LatticeVoxelizer(xyz, atoms.channel, spec, storage, params.lattice.block_edge,
-                                         grid[lat, :3], grid[lat, 3:])
+                                         grid[lat, :3], grid[lat, 3:], occupancy=atoms.occupancy)
             for stored, _, _ in voxelizer.blocks(fmt.storage_cells(block_map[map_start[lat]:map_start[lat + 1]])):
                 zlib.crc32(stored)
                 if compress is not None:
