@@ -1,4 +1,5 @@
-"""voxel-cache's read side and tools: needs only numpy and torch at import time.
+"""voxel-cache's read side and tools: ``import cache_tools`` imports nothing heavy; the read path
+needs numpy, torch and numba (its compiled kernels).
 
 Four rooms, imports running one way (ARCHITECTURE.md):
 
