@@ -1,0 +1,102 @@
+"""Where the microseconds of one ``ds[i]`` go (issue 22, item 3), step by step.
+
+Each step of the per-item path is timed on its own, over the same random origins, best of
+many short interleaved passes (warm page cache), next to the whole ``ds[i]``. The steps are
+the ones ``VoxelCacheDataset._plain_item`` runs; their sum against the whole says what the
+call itself (attribute look-ups, the dict, the frame) costs.
+
+    python benchmarks/item_breakdown.py RAW_FLOAT32_CACHE ZSTD_UINT8_CACHE [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_tools import VoxelCacheDataset  # noqa: E402
+
+REPEATS = 60
+
+
+def best_us(fns: dict, items) -> dict[str, float]:
+    best = {k: float("inf") for k in fns}
+    for fn in fns.values():
+        for x in items[:50]:
+            fn(x)
+    for _ in range(REPEATS):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for x in items:
+                fn(x)
+            best[k] = min(best[k], (time.perf_counter() - t) / len(items) * 1e6)
+    return best
+
+
+def breakdown(cache: str, dequantize: bool) -> dict:
+    ds = VoxelCacheDataset(cache, prefetch=False, dequantize=dequantize)
+    ds[0]
+    reader, state = ds.reader, ds._state
+    shape, dtype, scale = ds.layout.image_shape, ds.image_dtype, ds._scale_out
+    compressed = ds.layout.codec is not None
+    items = np.random.default_rng(0).integers(0, len(ds), 300).tolist()
+    out = np.empty(shape, dtype)
+    local = reader._local()
+
+    def empty_tensor(i):
+        torch.from_numpy(np.empty(shape, dtype))
+
+    def locate(i):  # raw: the origin's view of its shard map; zstd: its holder and index entry pread
+        if compressed:
+            holder, end = reader._holder(local, i)
+            os.pread(holder.fd, 16, end + 16 * (i % ds.layout.origins_per_shard))
+        else:
+            reader.view(i)
+
+    def bytes_in(i):  # raw: copy (and cast) the view into the output; zstd: both preads and the decode
+        reader.read_into(i, out, scale)
+
+    def metadata(i):
+        int(state.structure_index[i])
+        torch.from_numpy(state.center[i].copy())
+
+    def sample_dict(i):
+        return {"image": out, "origin_id": i, "structure_index": 0, "center_A": out, "rotation": 0,
+                "cube_rotation": 0}
+
+    steps = best_us({"ds[i]": ds.__getitem__, "np.empty + torch.from_numpy": empty_tensor,
+                     "locate": locate, "read_into (locate + copy or decode)": bytes_in,
+                     "structure_index + center_A tensor": metadata, "sample dict": sample_dict}, items)
+    parts = (steps["np.empty + torch.from_numpy"] + steps["read_into (locate + copy or decode)"]
+             + steps["structure_index + center_A tensor"] + steps["sample dict"])
+    steps["rest of the call (sum of the steps vs the whole)"] = steps["ds[i]"] - parts
+    return {"cache": cache, "dtype": str(ds.layout.dtype), "compressed": compressed,
+            "output": str(np.dtype(dtype)), "us": steps}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("raw_float32")
+    p.add_argument("zstd_uint8")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    results = [breakdown(args.raw_float32, True), breakdown(args.zstd_uint8, False)]
+    for r in results:
+        print(f"{r['cache']}: {r['dtype']} {'zstd' if r['compressed'] else 'raw'}, output {r['output']}")
+        for k, v in r["us"].items():
+            print(f"  {k:52s} {v:7.2f} us")
+    print(f"load average: {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
