@@ -71,9 +71,45 @@ def breakdown(cache: str, dequantize: bool) -> dict:
         return {"image": out, "origin_id": i, "structure_index": 0, "center_A": out, "rotation": 0,
                 "cube_rotation": 0}
 
+    fns = {}
+    if compressed:  # the steps inside read_into of a zstd origin (_decode_one)
+        from cache_tools.read.native import DecompressionContext
+        from cache_tools.read.reader import _decompress
+
+        dctx, decompress = DecompressionContext(), _decompress()
+        per = ds.layout.origins_per_shard
+        frames = {}
+        for i in items:
+            holder, end = reader._holder(local, i)
+            off, length = np.frombuffer(os.pread(holder.fd, 16, end + 16 * (i % per)), "<u8")
+            frames[i] = (holder.fd, int(off), int(length), os.pread(holder.fd, int(length), int(off)))
+
+        def holder_lookup(i):
+            reader._holder(local, i)
+
+        def index_pread(i):
+            fd, _, _, _ = frames[i]
+            os.pread(fd, 16, 0)
+
+        def frame_pread(i):
+            fd, off, length, _ = frames[i]
+            os.pread(fd, length, off)
+
+        def out_pointer(i):
+            out.ctypes.data
+
+        def bare_decode(i):
+            frame = frames[i][3]
+            decompress(dctx.address, address, out.nbytes, frame, len(frame))
+
+        address = out.ctypes.data
+        fns = {"  _holder (slot lookup)": holder_lookup, "  index entry pread (16 B)": index_pread,
+               "  frame pread": frame_pread, "  out.ctypes.data": out_pointer,
+               "  ZSTD_decompressDCtx via ctypes (the codec)": bare_decode}
     steps = best_us({"ds[i]": ds.__getitem__, "np.empty + torch.from_numpy": empty_tensor,
                      "locate": locate, "read_into (locate + copy or decode)": bytes_in,
-                     "structure_index + center_A tensor": metadata, "sample dict": sample_dict}, items)
+                     "structure_index + center_A tensor": metadata, "sample dict": sample_dict, **fns},
+                    items)
     parts = (steps["np.empty + torch.from_numpy"] + steps["read_into (locate + copy or decode)"]
              + steps["structure_index + center_A tensor"] + steps["sample dict"])
     steps["rest of the call (sum of the steps vs the whole)"] = steps["ds[i]"] - parts
