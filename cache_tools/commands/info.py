@@ -125,9 +125,13 @@ def storage_error(info: dict) -> str:
         return f"error {error}"
     text = f"max abs error {error:.3g}"
     if storage["dtype"] == "uint8":
-        text += f" up to {storage.get('uint8_max'):g}"
+        # The value stored as 255; caches that did not record it have it as 255 steps of the scale
+        # (what the Dataset dequantizes with).
+        top = storage.get("uint8_max")
+        top = 255 * storage["scale"] if top is None else top
+        text += f" up to {top:g}"
         saturated = (info.get("build") or {}).get("saturated_voxels", 0)
-        text += (f"; {saturated:,} voxels saturated (clipped to {storage.get('uint8_max'):g}, larger error)"
+        text += (f"; {saturated:,} voxels saturated (clipped to {top:g}, larger error)"
                  if saturated else "; no voxel saturated")
     return text
 
