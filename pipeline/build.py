@@ -163,7 +163,9 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                 log=print) -> BuildSummary:
     """Build (or resume) the cache at ``out``; see the module docstring."""
     started = time.time()
-    root = Path(out).absolute()
+    # Through any symlink: the lock, the checks and --overwrite's replacement all act on the
+    # directory itself (a link and its target are one cache; --overwrite keeps the link).
+    root = Path(os.path.realpath(out))
     sources = expand_inputs(inputs)
     if not sources:
         raise InputError(f"no mmCIF files ({', '.join(MMCIF_SUFFIXES)}) found in {' '.join(inputs)}")
