@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 
 from cache_tools.format import (COMPRESSIONS, DEFAULT_BLOCK_EDGE, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL,
                                 DEFAULT_LAYOUT, LAYOUTS, OCCUPANCIES, STORAGE_DTYPES, UINT8_DEFAULT_MAX,
@@ -255,7 +257,20 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore_sigint() -> None:
+    """Let SIGINT interrupt the command even if it started with SIGINT ignored.
+
+    A job started with ``&`` from a non-interactive shell (a script, ``sh -c``) inherits
+    SIGINT ignored, and Python then installs no handler of its own: Ctrl-C sent to the job's
+    process group, or ``kill -INT``, would do nothing. With the default handler back it is
+    the usual one line and exit 130 (the dask workers still ignore it: worker_setup).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    restore_sigint()
     args = build_parser().parse_args(argv)
     if args.command == "build-cache":
         return run_build(args)
