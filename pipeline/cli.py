@@ -2,7 +2,7 @@
 
 Exit codes of `pipeline build-cache`:
   0  the cache is complete (inputs that failed, if any, are listed and recorded in it);
-  1  the build could not finish (no origins in any input, a task error, a full disk);
+  1  the build could not finish (no usable input: fix the inputs; a task error, a full disk: rerun);
   2  usage error: bad arguments, a missing input path, an --out that conflicts;
   130 interrupted (rerun the same command to resume).
 """
