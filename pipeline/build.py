@@ -163,7 +163,9 @@ def build_cache(inputs: list[str], out: str | os.PathLike, params: BuildParams, 
                 log=print) -> BuildSummary:
     """Build (or resume) the cache at ``out``; see the module docstring."""
     started = time.time()
-    root = Path(out).absolute()
+    # Through any symlink: the lock, the checks and --overwrite's replacement all act on the
+    # directory itself (a link and its target are one cache; --overwrite keeps the link).
+    root = Path(os.path.realpath(out))
     sources = expand_inputs(inputs)
     if not sources:
         raise InputError(f"no mmCIF files ({', '.join(MMCIF_SUFFIXES)}) found in {' '.join(inputs)}")
@@ -209,6 +211,9 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     if summary.resumed:
         fmt.remove_temporaries(root)  # of writes a crash interrupted: they may fill a disk
     attrs = fmt.read_attrs(root)
+    if attrs.no_usable_input:  # the last attempt's verdict; this one scans again and decides anew
+        attrs = fmt.update_attrs(root, failures=(), build={k: v for k, v in attrs.build.items()
+                                                           if k != "no_usable_input"})
     if attrs.complete:
         summary.already_complete = True
         return _summarize(root, attrs, summary, started)
@@ -240,8 +245,9 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
             shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)
             raise InputError(_missing_assembly_message(table.missing_assemblies, params, listed))
         if table.n_origins == 0:
-            raise BuildError(f"no origins in any input: all {len(table.failures)} files failed; "
-                             "nothing to build", failures=table.failures)
+            _record_no_usable_input(root, table.failures)
+            raise BuildError(f"no usable input: all {len(table.failures)} inputs failed (see FAILED lines); "
+                             "fix or replace them, then build again", failures=table.failures)
         layout = _write_layout(root, params, table, listed) if params.layout == "origins" else \
             _write_lattice_layout(root, params, table, listed)
 
@@ -325,6 +331,16 @@ def _prepare_store(root: Path, fingerprint: fmt.CacheParams, overwrite: bool) ->
         params=fingerprint, complete=False, pipeline_version=pipeline.__version__,
         build={"started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     return False
+
+
+def _record_no_usable_input(root: Path, failures: list[fmt.InputNote]) -> None:
+    """Every input failed: say so in the store (`info` and `check` tell the user to fix the
+    inputs, not to rerun), and drop the scan results, so that the same command scans inputs
+    fixed in place again instead of replaying their failures."""
+    shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)
+    (root / fmt.BUILD_DIR).mkdir()
+    fmt.update_attrs(root, lambda a: a.replace(failures=tuple(failures),
+                                               build={**a.build, "no_usable_input": True}))
 
 
 def _has_finished_work(root: Path, attrs: fmt.CacheAttrs) -> bool:

@@ -2,7 +2,7 @@
 
 Exit codes of `pipeline build-cache`:
   0  the cache is complete (inputs that failed, if any, are listed and recorded in it);
-  1  the build could not finish (no origins in any input, a task error, a full disk);
+  1  the build could not finish (no usable input: fix the inputs; a task error, a full disk: rerun);
   2  usage error: bad arguments, a missing input path, an --out that conflicts;
   130 interrupted (rerun the same command to resume).
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 
 from cache_tools.format import (COMPRESSIONS, DEFAULT_BLOCK_EDGE, DEFAULT_COMPRESSION, DEFAULT_COMPRESSION_LEVEL,
                                 DEFAULT_LAYOUT, LAYOUTS, OCCUPANCIES, STORAGE_DTYPES, UINT8_DEFAULT_MAX,
@@ -42,9 +44,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                         "its content checksum) stores the sample images 12.7x (uint8) to 15.8x (float32) "
                         "smaller, read back at ~0.1 ms per image; none stores raw bytes that are copied "
                         "straight from the page cache (default: %(default)s)")
-    g.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
-                   help="zstd level, 1-22; higher levels barely shrink these images "
-                        "(default: %(default)s)")
+    g.add_argument("--compression-level", type=int, default=None,
+                   help="zstd level, 1-22, with --compression zstd only; higher levels barely shrink "
+                        f"these images (default: {DEFAULT_COMPRESSION_LEVEL})")
     g.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
                    help="origins: one stored image per origin (or per --rotations); lattice: each structure "
                         "voxelized once and stored as its non-empty blocks, views of any size cut at "
@@ -159,8 +161,12 @@ def params_from_args(args: argparse.Namespace):
             raise ValueError(f"--block-edge {args.block_edge}: must be between 2 and 64 voxels")
     elif args.block_edge != DEFAULT_BLOCK_EDGE:
         raise ValueError("--block-edge applies only with --layout lattice")
-    if args.compression != "none" and not 1 <= args.compression_level <= 22:
-        raise ValueError(f"--compression-level must be between 1 and 22, got {args.compression_level}")
+    level = DEFAULT_COMPRESSION_LEVEL if args.compression_level is None else args.compression_level
+    if args.compression == "none" and args.compression_level is not None:
+        raise ValueError(f"--compression-level applies only with --compression zstd (got --compression "
+                         f"{args.compression})")
+    if args.compression != "none" and not 1 <= level <= 22:
+        raise ValueError(f"--compression-level must be between 1 and 22, got {level}")
     return BuildParams(
         channels=channels,
         image=image,
@@ -172,7 +178,7 @@ def params_from_args(args: argparse.Namespace):
         origins_per_shard=args.origins_per_shard,
         exact_centers=args.exact_centers,
         keep_duplicates=args.keep_duplicates,
-        compression=args.compression, compression_level=args.compression_level,
+        compression=args.compression, compression_level=level,
         layout=args.layout, block_edge=args.block_edge,
         assembly=args.assembly, occupancy=args.occupancy,
     )
@@ -251,7 +257,20 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore_sigint() -> None:
+    """Let SIGINT interrupt the command even if it started with SIGINT ignored.
+
+    A job started with ``&`` from a non-interactive shell (a script, ``sh -c``) inherits
+    SIGINT ignored, and Python then installs no handler of its own: Ctrl-C sent to the job's
+    process group, or ``kill -INT``, would do nothing. With the default handler back it is
+    the usual one line and exit 130 (the dask workers still ignore it: worker_setup).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    restore_sigint()
     args = build_parser().parse_args(argv)
     if args.command == "build-cache":
         return run_build(args)

@@ -2,6 +2,8 @@
 
 ``CACHE`` is guarded by ``.CACHE.lock`` in the same directory (beside, not inside, so
 that ``--overwrite`` may replace the store and a non-cache directory is never touched).
+The path is resolved first (``os.path.realpath``): a symlink to a cache and the cache
+itself are one cache with one lock, whichever name each build was given.
 It is created with ``O_CREAT | O_EXCL``, which is atomic on local filesystems and on the
 shared ones builds with ``--scheduler`` use (NFSv3 and later, Lustre, GPFS, BeeGFS),
 unlike ``flock``/``fcntl`` locks, which some NFS and Lustre mounts ignore or refuse. The
@@ -38,7 +40,8 @@ class LockedError(Exception):
 
 
 def lock_path(root: str | os.PathLike) -> Path:
-    root = Path(root).absolute()
+    """The lock of the cache ``root`` names (a symlink's target: one lock per directory)."""
+    root = Path(os.path.realpath(root))
     return root.parent / f".{root.name}.lock"
 
 
@@ -65,8 +68,8 @@ class BuildLock:
     """``with BuildLock(root):`` holds the cache's lock, refreshing it, until the block ends."""
 
     def __init__(self, root: str | os.PathLike, what: str = "build"):
-        self.root = Path(root).absolute()
-        self.path = lock_path(root)
+        self.root = Path(os.path.realpath(root))
+        self.path = lock_path(self.root)
         self.what = what
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -201,8 +201,9 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
            progress: bool = True) -> list[dict]:
     """Rewrite the shard files holding the damaged origins of ``report``; returns what was rewritten."""
     problems = [Problem.from_dict(p) for p in report["problems"]]
-    if any(p.kind == "incomplete" for p in problems):
-        raise RepairError("the build is incomplete; rerun the same `pipeline build-cache` command")
+    incomplete = [p for p in problems if p.kind == "incomplete"]
+    if incomplete:  # what to do depends on why (check says): finish the build, or fix its inputs
+        raise RepairError(incomplete[0].detail)
     if any(p.kind == "metadata" for p in problems):
         raise RepairError("its metadata is damaged, which --repair does not rewrite; delete it and rerun "
                           "the `pipeline build-cache` command that built it")

@@ -198,7 +198,8 @@ def test_all_inputs_bad_exits_1_and_lists_them(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("FAILED") and lines[1].startswith("FAILED")
-    assert lines[2] == "pipeline build-cache: no origins in any input: all 2 files failed; nothing to build"
+    assert lines[2] == ("pipeline build-cache: no usable input: all 2 inputs failed (see FAILED lines); "
+                        "fix or replace them, then build again")
 
 
 def test_existing_store_with_other_params_is_refused(tmp_path, cache_factory):

@@ -10,6 +10,7 @@ import time
 from conftest import DATA
 
 BUILD = [sys.executable, "-m", "pipeline.cli", "build-cache"]
+TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
 SMALL = ["--grid-voxels", "11", "--max-origins-per-structure", "3", "--workers", "1", "--quiet"]
 
 
@@ -38,7 +39,7 @@ def test_origins_file_mistakes_and_a_failed_build_does_not_block_the_fix(tmp_pat
     import gemmi
     pdb.write_text(gemmi.read_structure(str(a)).make_pdb_string())
     proc = run(pdb, "--out", out, *SMALL)
-    assert proc.returncode == 1 and "no origins in any input" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "no usable input: all 1 inputs failed" in proc.stderr, proc.stderr
     assert (out / "zarr.json").exists()
     fixed = tmp_path / "fixed.csv"  # 1aa5's origins: one on an atom, one far from every atom
     fixed.write_text(f"1c58,{first_atom('1c58.cif.gz')}\n1aa5,{first_atom('1aa5.cif.gz')}\n1aa5,1000,1000,1000\n")
@@ -105,3 +106,69 @@ def test_empty_origins_are_judged_at_the_snapped_centre(tmp_path):
     zero = sum(int(ds[i]["image"].max() == 0) for i in range(len(ds)))
     (note,) = [e.reason for e in fmt.read_attrs(out).empty]
     assert 0 < zero < len(rows) and note.startswith(f"{zero} of {len(rows)} --origins rows are empty images")
+
+
+def test_sigint_reaches_a_build_started_with_sigint_ignored(tmp_path):
+    """Issue 24, item 18: `pipeline build-cache ... &` from a script starts with SIGINT ignored;
+    SIGINT still interrupts it: one line, exit 130. The build waits on its input list, a FIFO,
+    so the signal arrives while it runs, whatever the machine's speed."""
+    fifo = tmp_path / "inputs.txt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*BUILD, f"@{fifo}", "--out", tmp_path / "c.zarr", *SMALL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while True:  # a writer can open a FIFO only once its reader has: then the build is in main()
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: not opened for reading yet
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.02)
+    try:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # SIGINT ignored: the build still waits for its list
+    finally:
+        os.close(writer)  # an empty list: a build that ignored SIGINT ends now (exit 2)
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr) == (130, "pipeline build-cache: interrupted; rerun the same command to resume\n")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_build_with_no_usable_input_says_so_and_the_fixed_input_builds(tmp_path):
+    """Issue 24, item 14: the only input is not an mmCIF. The build says what is wrong and what
+    to do; `info` and `check` say nothing was built (never "rerun the same command", which would
+    fail the same way); once the file is fixed in place, the same command builds it."""
+    import gzip
+    import shutil
+
+    bad = tmp_path / "1aa5.cif"
+    bad.write_text("data_x\n_cell_length_a 1\n")  # a small-molecule CIF: no _atom_site table
+    out = tmp_path / "c.zarr"
+    proc = run(bad, "--out", out, *SMALL)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    failed, last = proc.stderr.strip().splitlines()
+    assert failed.startswith(f"FAILED {bad}: small-molecule CIF")
+    assert last == ("pipeline build-cache: no usable input: all 1 inputs failed (see FAILED lines); "
+                    "fix or replace them, then build again")
+    nothing = ("nothing was built: no usable input (all 1 inputs failed; `cache-tools info` lists why); "
+               "fix or replace the inputs, then build again")
+    info = subprocess.run([*TOOLS, "info", out], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith(f"{out}: NOTHING BUILT ({nothing})\n"), info.stdout
+    assert f"failed:     {bad}: small-molecule CIF" in info.stdout and "rerun" not in info.stdout
+    check = subprocess.run([*TOOLS, "check", out], capture_output=True, text=True)
+    assert check.returncode == 1 and check.stdout.startswith(f"incomplete: {nothing}\n"), check.stdout
+    assert "rerun" not in check.stdout + check.stderr
+    subset = subprocess.run([*TOOLS, "subset", out, "s", "--where", "atoms > 0"], capture_output=True, text=True)
+    assert subset.returncode == 2 and subset.stderr == f"cache-tools subset: {out}: {nothing}\n", subset.stderr
+
+    with gzip.open(DATA / "1aa5.cif.gz") as src, open(bad, "wb") as dst:  # fixed in place
+        shutil.copyfileobj(src, dst)
+    proc = run(bad, "--out", out, *SMALL)
+    assert proc.returncode == 0 and "1 ok, 0 failed" in proc.stdout, proc.stderr
+    info = subprocess.run([*TOOLS, "info", out], capture_output=True, text=True)
+    assert info.stdout.startswith(f"{out}: complete\n") and "failed:" not in info.stdout, info.stdout

@@ -41,6 +41,9 @@ BAD_BUILD = [
     (["--grid-voxels", "2000"], ["--grid-voxels 2000", "GiB", "memory"]),
     (["--channels", "Xx,Qq"], ["--channels", "'XX' is not an element symbol"]),
     (["--channels", "C,H"], ["--channels", "H", "hydrogens are never voxelized"]),
+    # Issue 24, item 10: a level for no codec is refused like --uint8-max without uint8
+    (["--compression", "none", "--compression-level", "5"],
+     ["--compression-level applies only with --compression zstd (got --compression none)"]),
 ]
 
 
@@ -77,3 +80,18 @@ def test_channels_that_match_no_atom_give_the_true_reason():
     with pytest.raises(ParseError, match=r"no atom matches a channel: the first model's heavy atoms are "
                                          r"C, CL, N, O, none of them in --channels ZN\|FE"):
         parse_atoms(DATA / "1aa5.cif.gz", parse_channels("Zn|Fe"))
+
+
+def test_compression_level_defaults_to_the_codecs_own():
+    """Issue 24, item 10: no --compression-level means the codec's default level; a level is kept."""
+    from cache_tools.format import DEFAULT_COMPRESSION_LEVEL
+    from pipeline.cli import build_parser, params_from_args
+
+    def params(*extra: str):
+        return params_from_args(build_parser().parse_args(["build-cache", "x.cif", "--out", "c.zarr", *extra]))
+
+    assert (params().compression, params().compression_level) == ("zstd", DEFAULT_COMPRESSION_LEVEL)
+    assert params("--compression-level", "7").compression_level == 7
+    assert params("--compression", "none").compression == "none"
+    with pytest.raises(ValueError, match="between 1 and 22, got 23"):
+        params("--compression-level", "23")

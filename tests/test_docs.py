@@ -23,6 +23,25 @@ def test_readme_names_only_options_that_exist():
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", readme))
     others = {"--mem",        # SLURM's
               "--dry-run",    # workflows/build_cache_slurm.py's (tested in test_workflows.py)
-              "--cache", "--devices"}  # workflows/train_lightning.py's (tested in test_lightning.py)
+              *lightning_options()}  # workflows/train_lightning.py's (tested in test_lightning.py)
     assert sorted(shown - known - others) == []
     assert all(" ".join(c) in readme for c in COMMANDS)
+
+
+def lightning_options() -> set[str]:
+    return set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]+)"', (REPO / "workflows" / "train_lightning.py").read_text()))
+
+
+def test_readme_intro_names_every_command_and_how_long_the_lightning_fit_runs():
+    """Issue 24, item 19: the intro's list of `cache-tools` commands is the dispatcher's, and where
+    the README shows train_lightning.py it says how to set the fit's length."""
+    from cache_tools.commands.cli import COMMANDS as TOOLS
+
+    readme = (REPO / "README.md").read_text()
+    intro = readme[:readme.index("## The idea")]
+    listed = re.search(r"`cache-tools ([a-z| -]+)`", intro).group(1)
+    assert sorted(name.strip() for name in listed.split("|")) == sorted(TOOLS)
+    assert {"--epochs", "--limit-batches"} <= lightning_options()
+    shown = readme.index("python workflows/train_lightning.py --cache sample.zarr")
+    nearby = readme[shown:readme.index("```python", shown)]
+    assert "--epochs N" in nearby and "--limit-batches F" in nearby

@@ -108,3 +108,42 @@ def test_racing_takeovers_of_a_dead_lock_leave_one_winner(tmp_path):
         outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
         assert outcomes == ["refused"] * 5 + ["won"], (round_, outcomes)
         assert not lock_path(out).exists()
+
+
+def test_a_symlink_and_its_target_share_one_lock(tmp_path):
+    """Issue 24, item 4: `ln -s lk2.zarr lnk`; a build into lnk while one writes lk2.zarr (or the
+    other way round) refused before touching anything, instead of both running and one deleting the
+    other's temporaries."""
+    target, link = tmp_path / "lk2.zarr", tmp_path / "lnk"
+    link.symlink_to(target.name)  # relative, as `ln -s` makes it; the target need not exist yet
+    assert lock_path(link) == lock_path(target) == tmp_path / ".lk2.zarr.lock"
+    for held, built in ((target, link), (link, target)):
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "build-cache", str(DATA / "1aa5.cif.gz"),
+                                  "--out", str(built), "--grid-voxels", "9", "--workers", "1", "--quiet"],
+                                 capture_output=True, text=True)
+            assert cli.returncode == 2 and "Traceback" not in cli.stderr, (built, cli.stderr)
+            (line,) = cli.stderr.strip().splitlines()
+            assert f"{target}: another build is writing this cache" in line and f"pid {holder.pid}" in line
+            assert not target.exists()
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        lock_path(target).unlink()
+
+
+def test_overwrite_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    """Issue 24, item 4: --overwrite with a symlinked --out failed ("Cannot call rmtree on a symbolic
+    link"); it replaces the contents of the directory the link points to, and the link stays."""
+    target, link = tmp_path / "lk2.zarr", tmp_path / "lnk"
+    link.symlink_to(target.name)
+    files = [str(DATA / "1aa5.cif.gz")]
+    first = build_cache(files, link, small_params(grid=9), workers=1, progress=False)
+    assert first.out == str(target) and fmt.read_attrs(target).params.image.grid_voxels == 9
+    replaced = build_cache(files, link, small_params(grid=11), workers=1, progress=False, overwrite=True)
+    assert replaced.out == str(target) and not replaced.resumed and replaced.origins == first.origins
+    assert link.is_symlink() and os.readlink(link) == "lk2.zarr" and target.is_dir() and not target.is_symlink()
+    assert fmt.read_attrs(link).complete and fmt.VoxelLayout(link).image_shape == (4, 11, 11, 11)
+    assert not lock_path(target).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import shutil
+import warnings
 
 import gemmi
 import numpy as np
@@ -117,6 +118,29 @@ def test_where_selects_what_numpy_selects(cache_factory):
     assert where.select(root, f"origins == {int(origins[0])}").tolist() == np.flatnonzero(origins == origins[0]).tolist()
 
 
+def test_where_edges_of_numbers_and_nesting(cache_factory):
+    """Issue 24, items 7 and 11: 100 levels of nesting still parse; a literal beyond float32 compares
+    as infinity without numpy's overflow warning; `in` on a count never rounds a fraction."""
+    root = cache_factory()
+    cols = StructureColumns(root)
+    res, models = cols.values("resolution"), cols.values("models")
+    known = np.flatnonzero(~np.isnan(res)).tolist()
+    assert where.select(root, "(" * 100 + "resolution > 0" + ")" * 100).tolist() == known
+    assert where.select(root, "not " * 100 + "resolution > 0").tolist() == known
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert where.select(root, "resolution < " + "9" * 41).tolist() == known
+        assert where.select(root, "resolution > -" + "9" * 41).tolist() == known
+        assert where.select(root, "resolution in (1" + "0" * 40 + ", 1)").tolist() == []
+        assert where.select(root, "models in (" + "9" * 41 + ")").tolist() == []
+    assert where.select(root, "models in (1.5)").tolist() == []
+    assert where.select(root, "models in (1)").tolist() == np.flatnonzero(models == 1).tolist() != []
+    # As the README says: `not` inverts, so an absent resolution passes `not (resolution < 100)`
+    clean = ids_of(root).index("1qjg_clean")
+    assert clean in where.select(root, "not (resolution < 100)").tolist()
+    assert clean not in where.select(root, "resolution >= 100").tolist()
+
+
 @pytest.mark.parametrize("expression, message", [
     ("resolution <= 'x'", "position 15: type mismatch: resolution is a number, 'x' is a string"),
     ("deposited < 2.5", "type mismatch: deposited is a date"),
@@ -131,6 +155,12 @@ def test_where_selects_what_numpy_selects(cache_factory):
     ("id == abc", "quote strings"),
     ("resolution ; 1", "unexpected character ';'"),
     ("", "empty expression"),
+    # Issue 24, items 7 and 11: deep nesting is one line, not a RecursionError; only ASCII digits
+    # and spaces count outside quotes (a fullwidth digit is not read as 2).
+    ("(" * 330 + "resolution < 2" + ")" * 330, "position 101: nested deeper than 100 levels of parentheses and 'not'"),
+    ("not " * 500 + "resolution < 2", "position 401: nested deeper than 100 levels"),
+    ("resolution < \uff12", "position 14: unexpected character '\uff12' (outside quotes, only ASCII"),
+    ("resolution <\u30002", "position 13: unexpected character '\\u3000'"),  # repr of a non-printable
 ])
 def test_bad_expressions_are_one_line_exit_2(cache_factory, tmp_path, capsys, expression, message):
     root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")

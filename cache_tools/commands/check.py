@@ -99,8 +99,9 @@ def inspect(root: str | os.PathLike, workers: int | None = None,
               "sources_checked": 0, "spot_checked": 0}
     attrs = fmt.read_attrs(root)
     if not attrs.complete:  # its arrays may not exist yet: nothing else to check
-        incomplete = Problem("incomplete", "the build has not finished; rerun the same "
-                             "`pipeline build-cache` command to complete it")
+        incomplete = Problem("incomplete", attrs.incomplete_reason() if attrs.no_usable_input else
+                             "the build has not finished; rerun the same `pipeline build-cache` command "
+                             "to complete it")
         return None, {**report, "problems": [incomplete.to_dict()], "ok": False}
     c = Cache(root, attrs)
     check_metadata(c)

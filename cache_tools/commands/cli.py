@@ -7,6 +7,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from cache_tools.commands.options import OneLineParser
@@ -38,10 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv[argv.index(chosen) + 1:]  # the command's own arguments, for commands that hand them on
     module = importlib.import_module(args._module)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return code
     except KeyboardInterrupt:
         print("cache-tools: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return broken_pipe()
+
+
+def broken_pipe() -> int:
+    """The reader of stdout went away (`cache-tools info CACHE | head -3`): exit quietly, as a
+    shell's commands do (128 + SIGPIPE), with nothing on stderr. stdout is pointed at /dev/null
+    so the interpreter's final flush does not report the same error again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

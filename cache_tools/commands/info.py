@@ -41,13 +41,16 @@ def cache_info(root: str | Path) -> dict:
         "origins_rule": params.origins.to_json(),
         "inputs": params.n_inputs,
         "build": attrs.build,
-        "failures": [n.to_json() for n in attrs.failures] if attrs.complete else failures_so_far(root),
+        "failures": ([n.to_json() for n in attrs.failures] if attrs.complete or attrs.no_usable_input
+                     else failures_so_far(root)),
         "duplicates": [n.to_json() for n in attrs.duplicates],
         "empty": [n.to_json() for n in attrs.empty],
         "asym_fallbacks": [n.to_json() for n in attrs.asym_fallbacks],
         "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
-    if not info["complete"]:
+    if attrs.no_usable_input:
+        info["nothing_built"] = attrs.incomplete_reason()
+    elif not info["complete"]:
         info["scanned_inputs"] = len(list((root / fmt.BUILD_DIR / "scan").glob("*.npz")))
     info["layout"] = params.layout
     lattice = params.lattice is not None
@@ -125,15 +128,21 @@ def storage_error(info: dict) -> str:
         return f"error {error}"
     text = f"max abs error {error:.3g}"
     if storage["dtype"] == "uint8":
-        text += f" up to {storage.get('uint8_max'):g}"
+        # The value stored as 255; caches that did not record it have it as 255 steps of the scale
+        # (what the Dataset dequantizes with).
+        top = storage.get("uint8_max")
+        top = 255 * storage["scale"] if top is None else top
+        text += f" up to {top:g}"
         saturated = (info.get("build") or {}).get("saturated_voxels", 0)
-        text += (f"; {saturated:,} voxels saturated (clipped to {storage.get('uint8_max'):g}, larger error)"
+        text += (f"; {saturated:,} voxels saturated (clipped to {top:g}, larger error)"
                  if saturated else "; no voxel saturated")
     return text
 
 
 def format_info(info: dict) -> str:
-    lines = [f"{info['path']}: {'complete' if info['complete'] else 'INCOMPLETE (build not finished)'}"]
+    state = ("complete" if info["complete"] else f"NOTHING BUILT ({info['nothing_built']})"
+             if "nothing_built" in info else "INCOMPLETE (build not finished)")
+    lines = [f"{info['path']}: {state}"]
     grid = info["grid"]
     lines.append(f"  grid:       {grid['voxels_per_side']}^3 voxels at {grid['resolution_A']} Å, "
                  f"atom radius {info['atom_radius_A']} Å")

@@ -260,6 +260,20 @@ class CacheAttrs:
     def saturated_voxels(self) -> int:
         return int(self.build.get("saturated_voxels", 0) or 0)
 
+    @property
+    def no_usable_input(self) -> bool:
+        """The last build stopped because every input failed (``failures`` says why): nothing
+        was built, and the same inputs would fail again."""
+        return not self.complete and bool(self.build.get("no_usable_input"))
+
+    def incomplete_reason(self) -> str:
+        """Why a cache that is not complete cannot be read, and what to do about it."""
+        if self.no_usable_input:
+            return (f"nothing was built: no usable input (all {len(self.failures)} inputs failed; "
+                    "`cache-tools info` lists why); fix or replace the inputs, then build again")
+        return ("build incomplete (still building or interrupted; rerun the same "
+                "`pipeline build-cache` command to finish it)")
+
     @classmethod
     def from_json(cls, doc: dict) -> "CacheAttrs":
         known, extra = _known(cls, doc)
@@ -332,8 +346,7 @@ def read_attrs(root: str | os.PathLike) -> CacheAttrs:
 
 def require_complete(root: str | os.PathLike, attrs: CacheAttrs) -> None:
     if not attrs.complete:
-        raise CacheError(f"{root}: build incomplete (still building or interrupted; rerun the same "
-                         "`pipeline build-cache` command to finish it)")
+        raise CacheError(f"{root}: {attrs.incomplete_reason()}")
 
 
 def write_attrs(root: str | os.PathLike, attrs: CacheAttrs) -> None:

@@ -18,6 +18,11 @@ before anything runs: numbers compare with numbers, dates with dates, ``method``
 ``polymer`` (sets: ``==`` means "includes") with a known name. An absent value (NaN
 resolution, unknown date) matches no comparison (``not`` still inverts the result). Evaluation is vectorized: one numpy
 boolean mask over all structures.
+
+Outside quotes only ASCII counts: digits are 0-9 and spaces are ASCII whitespace, so a
+fullwidth ``２`` or an ideographic space is refused rather than read as ``2`` or a blank.
+Parentheses and ``not`` nest at most ``MAX_DEPTH`` deep: a deeper expression is refused
+in one line instead of exhausting Python's recursion limit.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ class ExpressionError(ValueError):
     """The expression cannot be used; str() is one line naming the position and the reason."""
 
 
+MAX_DEPTH = 100  # nesting of parentheses and 'not'; far beyond a hand-written filter
+
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<date>\d{4}-\d{2}-\d{2})
@@ -42,7 +49,7 @@ _TOKEN = re.compile(r"""
   | (?P<string>'[^']*'|"[^"]*")
   | (?P<op>==|!=|<=|>=|<|>|\(|\)|,)
   | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)
 _KEYWORDS = {"and", "or", "not", "in"}
 
 
@@ -60,7 +67,8 @@ def tokenize(text: str) -> list[Token]:
         if m is None:
             if text[pos] in "'\"":
                 raise ExpressionError(f"position {pos + 1}: unterminated string")
-            raise ExpressionError(f"position {pos + 1}: unexpected character {text[pos]!r}")
+            hint = " (outside quotes, only ASCII letters, digits and spaces)" if not text[pos].isascii() else ""
+            raise ExpressionError(f"position {pos + 1}: unexpected character {text[pos]!r}{hint}")
         kind = m.lastgroup
         if kind != "ws":
             word = m.group()
@@ -97,6 +105,7 @@ class _Parser:
     def __init__(self, text: str):
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0  # parentheses and 'not' open around the current token
 
     def peek(self) -> Token:
         return self.tokens[self.i]
@@ -138,13 +147,18 @@ class _Parser:
 
     def neg(self) -> Node:
         tok = self.peek()
-        if tok.kind == "keyword" and tok.text == "not":
+        if tok.kind == "keyword" and tok.text == "not" or tok.kind == "op" and tok.text == "(":
+            if self.depth >= MAX_DEPTH:
+                raise ExpressionError(f"position {tok.pos}: nested deeper than {MAX_DEPTH} levels of "
+                                      "parentheses and 'not'; simplify the expression")
             self.take()
-            return BoolOp("not", (self.neg(),))
-        if tok.kind == "op" and tok.text == "(":
-            self.take()
-            node = self.expr()
-            self.expect("op", ")")
+            self.depth += 1
+            if tok.text == "not":
+                node = BoolOp("not", (self.neg(),))
+            else:
+                node = self.expr()
+                self.expect("op", ")")
+            self.depth -= 1
             return node
         return self.compare()
 
@@ -247,13 +261,18 @@ def evaluate(node: Node, cols: StructureColumns) -> np.ndarray:
             bits = np.uint64(sum(node.values)) if node.op == "in" else np.uint64(node.values[0])
             mask = (values.astype(np.uint64) & bits) != 0
         else:
-            mask = np.isin(values, np.array(node.values, dtype=values.dtype))
+            # As ==: a float column compares in its own dtype (1e40 is infinity there), an integer
+            # one in float64 (1.5 is no count, 1e40 no int32).
+            dtype = values.dtype if values.dtype.kind == "f" else np.float64
+            with np.errstate(over="ignore"):
+                mask = np.isin(values, np.array(node.values, dtype=dtype))
         negate = node.negate or node.op == "!="
         return ~mask if negate else mask
     x = node.values[0]
     compare = {"==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,
                ">": np.greater, ">=": np.greater_equal}[node.op]
-    mask = compare(values, x)
+    with np.errstate(over="ignore"):  # a literal beyond float32 (1e40) compares as infinity, silently
+        mask = compare(values, x)
     if kind == "float":
         mask &= ~np.isnan(values)   # an absent resolution matches nothing
     elif kind == "date":

@@ -1,0 +1,40 @@
+"""Issue 24, item 8: small edges of the `cache-tools` command line (a closed pipe, old attributes)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from cache_tools.commands.cli import main as cache_tools
+
+TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
+
+
+def test_info_into_a_closed_pipe_exits_quietly(cache_factory):
+    """`cache-tools info CACHE | head -3`: head may exit before info writes. Here the pipe's reader
+    is closed before info starts, so every run meets the closed pipe (the report's race, made certain)."""
+    cache = str(cache_factory())
+    for extra in ([], ["--json"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([*TOOLS, "info", cache, *extra], stdout=write, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert (proc.returncode, proc.stderr) == (141, ""), (extra, proc.returncode, proc.stderr)
+
+
+def test_info_of_a_uint8_cache_without_uint8_max(cache_factory, tmp_path, capsys):
+    """Attributes that give the scale but not `uint8_max` (hand-made or older): info derives the
+    top of the range from the scale (255 steps of it), the value the Dataset dequantizes with."""
+    root = shutil.copytree(cache_factory("uint8"), tmp_path / "c.zarr")
+    meta = json.loads((root / "zarr.json").read_text())
+    storage = meta["attributes"]["voxel_cache"]["params"]["storage"]
+    assert storage.pop("uint8_max") == 2.0
+    (root / "zarr.json").write_text(json.dumps(meta))
+    assert cache_tools(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "storage:    uint8 (scale 0.00784314, max abs error 0.00392 up to 2; " in out, out
