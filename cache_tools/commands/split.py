@@ -92,6 +92,7 @@ def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: 
     names = list(SPLIT_NAMES)
     codes = np.full(len(ids), 255, dtype=np.uint8)
     for name, listed in (from_files or {}).items():
+        fmt.check_name("split", name)  # the rule subsets and origin sets follow (ValueError)
         if name not in names:
             names.append(name)
         if not listed:
@@ -155,6 +156,7 @@ def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[st
 
     bounds = []
     for name, text in by_date.items():
+        fmt.check_name("split", name)  # the rule subsets and origin sets follow (ValueError)
         try:
             bounds.append((fmt.date_to_days(text), name))
         except ValueError as exc:
@@ -173,6 +175,22 @@ def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[st
     return codes
 
 
+def named_values(option: str, items: list[str], what: str) -> dict[str, str]:
+    """{NAME: VALUE} of repeated ``option NAME=VALUE`` arguments; ValueError for a malformed item,
+    a bad name, or a name given twice (a split has one id list and one start date)."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} {item!r}: expected NAME={what}")
+        fmt.check_name("split", name)
+        if name in values:
+            raise ValueError(f"{option} {item!r}: split {name!r} is already given ({option} {name}={values[name]}); "
+                             f"give each split once")
+        values[name] = value
+    return values
+
+
 def _read_ids(path: str) -> list[str]:
     with open(path, encoding="utf-8") as fh:
         return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
@@ -181,22 +199,14 @@ def _read_ids(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from_files: dict[str, list[str]] = {}
     try:
-        for item in args.from_file:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--from-file {item!r}: expected NAME=FILE")
+        for name, path in named_values("--from-file", args.from_file, "FILE").items():
             try:
                 from_files[name] = _read_ids(path)
             except OSError as exc:
                 raise ValueError(f"{path}: cannot read id list ({exc.strerror or exc})") from None
             if not from_files[name]:
-                raise ValueError(f"--from-file {item!r}: {path} lists no ids")
-        by_date = {}
-        for item in args.by_date:
-            name, sep, day = item.partition("=")
-            if not sep or not name or not day:
-                raise ValueError(f"--by-date {item!r}: expected NAME=YYYY-MM-DD")
-            by_date[name] = day
+                raise ValueError(f"--from-file {f'{name}={path}'!r}: {path} lists no ids")
+        by_date = named_values("--by-date", args.by_date, "YYYY-MM-DD")
         if by_date and (args.val or args.test):
             raise ValueError("--by-date replaces --val/--test; give one or the other")
         counts = assign_splits(args.cache, args.val, args.test, args.seed, from_files, args.balance, by_date)
