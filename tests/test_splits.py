@@ -1,5 +1,5 @@
 """Issue 12, items 13 and 15: empty splits refused; duplicates skipped; one entry, one split.
-Issue 24, items 2 and 16: a split given twice, split names by the subsets' rule."""
+Issue 24, items 2, 3 and 16: a split given twice, an empty time split, split names by the subsets' rule."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
 from cache_tools.commands.cli import main as cache_tools
 from cache_tools.commands.split import assign_splits
@@ -120,3 +121,17 @@ def test_split_and_subset_names_follow_one_rule(cache_factory, tmp_path, capsys,
     assert attrs.splits == () and attrs.subsets == {}
     assert not (root / fmt.STRUCTURE_SPLIT).exists() and not (root / fmt.SUBSET_DIR).exists()
 
+
+def test_an_empty_split_is_refused_by_split_and_by_the_dataset(cache_factory, tmp_path, capsys):
+    root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
+    assert cache_tools(["split", str(root), "--by-date", "val=2030-01-01"]) == 2
+    assert capsys.readouterr().err == ("cache-tools split: --by-date val=2030-01-01 gives split 'val' no structures "
+                                       "(the cache's structures: deposited 1995-03-24 .. 2009-01-21, 1 undated)\n")
+    assert not (root / fmt.STRUCTURE_SPLIT).exists()
+    with pytest.raises(ValueError, match="--by-date test=2000-01-01 gives split 'test' no structures"):
+        assign_splits(root, by_date={"val": "2000-01-01", "test": "2000-01-01"})  # test: [2000, 2000)
+    assert cache_tools(["split", str(root), "--test", "0.2"]) == 0  # 'val' named, and empty
+    capsys.readouterr()
+    with pytest.raises(fmt.CacheError, match=r"split 'val' holds no structure; `cache-tools info` counts each split's"):
+        VoxelCacheDataset(root, split="val")
+    assert len(VoxelCacheDataset(root, split="test")) > 0

@@ -115,7 +115,12 @@ def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: 
                              f"files) but are listed for splits {', '.join(names[c] for c in sorted(listed))}")
         codes[members] = listed.pop()
     if by_date:
-        return names, date_codes(root, codes, names, by_date)
+        codes = date_codes(root, codes, names, by_date)
+        for name, day in by_date.items():
+            if not (codes == names.index(name)).any():
+                raise ValueError(f"--by-date {name}={day} gives split {name!r} no structures (the cache's "
+                                 f"structures: {date_range(root)})")
+        return names, codes
     free_groups = np.unique(group[codes == 255])
     order = free_groups[np.random.default_rng(seed).permutation(len(free_groups))]
     group_weight = np.bincount(group, weights=weight, minlength=int(group.max(initial=-1)) + 1)
@@ -173,6 +178,18 @@ def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[st
         dated = (deposited != fmt.DATE_MISSING) & (deposited >= day) & (deposited < stop)
         codes[free & dated] = names.index(name)
     return codes
+
+
+def date_range(root: Path) -> str:
+    """'deposited 1995-03-24 .. 2009-01-21, 1 undated' of the cache's structures, for messages."""
+    from cache_tools.read.structure_meta import StructureColumns
+
+    deposited = StructureColumns(root).values("deposited")
+    dated = deposited[deposited != fmt.DATE_MISSING]
+    undated = len(deposited) - len(dated)
+    text = (f"deposited {fmt.days_to_date(dated.min())} .. {fmt.days_to_date(dated.max())}" if len(dated)
+            else "no structure has a deposition date")
+    return text + (f", {undated} undated" if undated and len(dated) else "")
 
 
 def named_values(option: str, items: list[str], what: str) -> dict[str, str]:
