@@ -57,9 +57,34 @@ def test_arguments_pass_through(split_cache):
     assert isinstance(train.sampler, EpochSampler) and train.sampler.shuffle and not val.sampler.shuffle
     assert dm.train_dataset.split == "train" and dm.train_dataset.rotate and dm.train_dataset.seed == 4
     assert dm.val_dataset.split == "val" and not dm.val_dataset.rotate  # the cache's "val" split by default
-    assert VoxelCacheDataModule(split_cache, num_workers=0).train_dataloader().persistent_workers is False
+    assert VoxelCacheDataModule(split_cache, "train", num_workers=0).train_dataloader().persistent_workers is False
     other = VoxelCacheDataModule(split_cache, split="train", val_cache=split_cache, val_split="train")
     assert len(other.val_dataloader().dataset) == len(other.train_dataloader().dataset)
+
+
+def test_validating_on_training_data_is_refused_and_an_empty_val_warns(split_cache, tmp_path, capsys):
+    with pytest.raises(ValueError, match="split and val_split are both 'train': the model would be validated on its"):
+        VoxelCacheDataModule(split_cache, split="train", val_split="train")
+    with pytest.raises(ValueError, match=r"val_split='val' with split=None: training reads every structure of .*, "
+                                         r"split 'val' included; pass split='train'"):
+        VoxelCacheDataModule(split_cache, val_split="val")
+    implicit = VoxelCacheDataModule(split_cache)  # validation's default, the cache's 'val', is trained on
+    with pytest.raises(ValueError, match=r"the cache's split 'val' \(validation's default\) with split=None"):
+        implicit.setup("fit")
+    assert implicit.train_dataset is not None and implicit.val_dataset is None
+    root = shutil.copytree(split_cache, tmp_path / "c.zarr")
+    assign_splits(root, test=0.4, seed=3)  # 'val' named, and empty
+    dm = VoxelCacheDataModule(root, split="train")
+    with pytest.warns(UserWarning, match="split 'val' holds no structure: training without validation"):
+        dm.setup("fit")
+    assert dm.val_dataset is None and dm.val_dataloader() == []
+    with pytest.raises(fmt.CacheError, match="split 'val' holds no structure"):
+        VoxelCacheDataModule(root, split="train", val_split="val").setup("fit")
+    from train_lightning import main as train_lightning
+
+    assert train_lightning(["--cache", str(root), "--epochs", "0"]) == 0
+    assert capsys.readouterr().err.startswith(f"train_lightning: an empty 'val' split in {root}: validating on the "
+                                              "training data")
 
 
 def test_multiprocessing_context_passes_through(split_cache):
@@ -74,10 +99,10 @@ def test_multiprocessing_context_passes_through(split_cache):
     assert batch["origin_id"].tolist() == expected["origin_id"].tolist()
     assert torch.equal(batch["image"], expected["image"])
     for context in ("fork", "forkserver"):
-        assert VoxelCacheDataModule(split_cache, num_workers=2, multiprocessing_context=context
+        assert VoxelCacheDataModule(split_cache, "train", num_workers=2, multiprocessing_context=context
                                     ).train_dataloader().multiprocessing_context.get_start_method() == context
     # without workers there is nothing to start (torch refuses a context then): not passed
-    assert VoxelCacheDataModule(split_cache, multiprocessing_context="spawn").train_dataloader(
+    assert VoxelCacheDataModule(split_cache, "train", multiprocessing_context="spawn").train_dataloader(
     ).multiprocessing_context is None
 
 

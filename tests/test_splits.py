@@ -1,4 +1,5 @@
-"""Issue 12, items 13 and 15: empty splits refused; duplicates skipped; one entry, one split."""
+"""Issue 12, items 13 and 15: empty splits refused; duplicates skipped; one entry, one split.
+Issue 24, items 2, 3 and 16: a split given twice, an empty time split, split names by the subsets' rule."""
 from __future__ import annotations
 
 import shutil
@@ -6,8 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from cache_tools import VoxelCacheDataset
 from cache_tools import format as fmt
+from cache_tools.commands.cli import main as cache_tools
 from cache_tools.commands.split import assign_splits
 
 from conftest import DATA
@@ -82,3 +86,52 @@ def test_empty_splits_are_refused_and_the_summary_counts_origins(cache_factory, 
     n_val = int(per[codes == 1].sum())
     assert f"val: {int((codes == 1).sum())} structures, {n_val} origins" in proc.stdout
     assert abs(n_val - 0.3 * per.sum()) <= per.max() / 2 + 1e-9  # within half a structure of 30% of origins
+
+
+def test_a_split_given_twice_is_refused_not_overwritten(cache_factory, tmp_path, capsys):
+    root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1aa5\n")
+    assert cache_tools(["split", str(root), "--by-date", "val=2000-01-01", "--by-date", "val=2010-01-01"]) == 2
+    assert capsys.readouterr().err == ("cache-tools split: --by-date 'val=2010-01-01': split 'val' is already given "
+                                       "(--by-date val=2000-01-01); give each split once\n")
+    assert cache_tools(["split", str(root), "--from-file", f"val={ids}", "--from-file", f"val={tmp_path}/b.txt"]) == 2
+    assert capsys.readouterr().err == (f"cache-tools split: --from-file 'val={tmp_path}/b.txt': split 'val' is already "
+                                       f"given (--from-file val={ids}); give each split once\n")
+    assert not (root / fmt.STRUCTURE_SPLIT).exists() and fmt.read_attrs(root).splits == ()
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "x" * 300, "zarr.json", ".x", "__x"])
+def test_split_and_subset_names_follow_one_rule(cache_factory, tmp_path, capsys, bad):
+    root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1aa5\n")
+    rule = ("the name of a zarr metadata file; choose another" if bad == "zarr.json" else
+            "use letters, digits, '_', '-' or '.' (not starting with '.', '-' or '__', at most 64 characters)")
+    for argv in (["--by-date", f"{bad}=2000-01-01"], ["--from-file", f"{bad}={ids}"]):
+        assert cache_tools(["split", str(root), *argv]) == 2
+        assert capsys.readouterr().err == f"cache-tools split: split name {bad!r}: {rule}\n"
+    assert cache_tools(["subset", str(root), bad, "--where", "models == 1"]) == 2
+    assert capsys.readouterr().err == f"cache-tools subset: subset name {bad!r}: {rule}\n"
+    with pytest.raises(ValueError, match=f"split name {bad!r}"):
+        assign_splits(root, from_files={bad: ["1aa5"]})
+    with pytest.raises(ValueError, match=f"split name {bad!r}"):
+        assign_splits(root, by_date={bad: "2000-01-01"})
+    attrs = fmt.read_attrs(root)
+    assert attrs.splits == () and attrs.subsets == {}
+    assert not (root / fmt.STRUCTURE_SPLIT).exists() and not (root / fmt.SUBSET_DIR).exists()
+
+
+def test_an_empty_split_is_refused_by_split_and_by_the_dataset(cache_factory, tmp_path, capsys):
+    root = shutil.copytree(cache_factory(), tmp_path / "c.zarr")
+    assert cache_tools(["split", str(root), "--by-date", "val=2030-01-01"]) == 2
+    assert capsys.readouterr().err == ("cache-tools split: --by-date val=2030-01-01 gives split 'val' no structures "
+                                       "(the cache's structures: deposited 1995-03-24 .. 2009-01-21, 1 undated)\n")
+    assert not (root / fmt.STRUCTURE_SPLIT).exists()
+    with pytest.raises(ValueError, match="--by-date test=2000-01-01 gives split 'test' no structures"):
+        assign_splits(root, by_date={"val": "2000-01-01", "test": "2000-01-01"})  # test: [2000, 2000)
+    assert cache_tools(["split", str(root), "--test", "0.2"]) == 0  # 'val' named, and empty
+    capsys.readouterr()
+    with pytest.raises(fmt.CacheError, match=r"split 'val' holds no structure; `cache-tools info` counts each split's"):
+        VoxelCacheDataset(root, split="val")
+    assert len(VoxelCacheDataset(root, split="test")) > 0

@@ -10,8 +10,8 @@ train and val loaders alive together, rotations advancing every epoch, DDP on CP
     python workflows/train_lightning.py --cache sample.zarr --devices 2  # DDP, 2 CPU processes
 
 Validation uses the cache's "val" split, or --val-cache; a cache with neither (the
-sample) is validated on its training data, and the script says so: it never writes
-into your cache. Under ``cache-tools profile-memory -- python workflows/train_lightning.py``
+sample), or with an empty "val", is validated on its training data, and the script says
+so: it never writes into your cache. Under ``cache-tools profile-memory -- python workflows/train_lightning.py``
 you see the whole tree; ``--loader seed`` (pandas origins, parse + voxelize per item,
 benchmarks/seed_loaders.py) and ``--loader constant`` (a Dataset of one constant tensor:
 the floor) run the same Trainer for comparison (benchmarks/lightning_memory.py).
@@ -35,6 +35,7 @@ import lightning as L  # noqa: E402
 
 from cache_tools import CacheError, VoxelCacheDataModule  # noqa: E402
 from cache_tools import format as fmt  # noqa: E402
+from cache_tools.read.selection import split_counts  # noqa: E402
 
 
 class CentreTask(L.LightningModule):
@@ -140,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         splits = attrs.splits
         split = args.split or ("train" if "train" in splits else None)
         val_cache = args.val_cache
-        if val_cache is None and "val" not in splits:
+        if val_cache is None and not split_counts(args.cache, attrs).get("val"):  # absent, or named but empty
             val_cache = args.cache
-            print(f"train_lightning: no 'val' split in {args.cache}: validating on the training data "
-                  "(run `cache-tools split CACHE --val 0.2`, or pass --val-cache)", file=sys.stderr)
+            print(f"train_lightning: {'no' if 'val' not in splits else 'an empty'} 'val' split in {args.cache}: "
+                  "validating on the training data (run `cache-tools split CACHE --val 0.2`, or pass --val-cache)",
+                  file=sys.stderr)
         if args.loader == "cache":
             dm = VoxelCacheDataModule(args.cache, split=split, subset=args.subset, val_cache=val_cache,
                                       batch_size=args.batch_size, num_workers=args.workers, drop_last=False)
             dm.setup("fit")
         else:
             dm = comparison_datamodule(args.loader, args.cache, args)
-    except CacheError as exc:
+    except (CacheError, ValueError) as exc:
         print(f"train_lightning: {exc}", file=sys.stderr)
         return 2
     model = CentreTask(len(attrs.params.channels), record=args.record is not None)

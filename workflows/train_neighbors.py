@@ -27,6 +27,7 @@ import lightning as L  # noqa: E402
 
 from cache_tools import CacheError, VoxelCacheDataModule  # noqa: E402
 from cache_tools import format as fmt  # noqa: E402
+from cache_tools.read.selection import split_counts  # noqa: E402
 
 
 class NeighborTask(L.LightningModule):
@@ -88,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if attrs.params.layout != "lattice":
             raise CacheError(f"{args.cache}: stores one image per origin; the neighbor task cuts views at training "
                              "time: build it with `pipeline build-cache ... --layout lattice`")
-        has_val = "val" in attrs.splits
+        has_val = split_counts(args.cache, attrs).get("val", 0) > 0  # named and not empty
         if not has_val:
-            print(f"train_neighbors: no 'val' split in {args.cache}: validating on pairs of the training data "
+            print(f"train_neighbors: no (or an empty) 'val' split in {args.cache}: validating on pairs of the training data "
                   "drawn with another seed (run `cache-tools split CACHE --val 0.2` for a real one)", file=sys.stderr)
         dm = VoxelCacheDataModule(args.cache, split="train" if has_val else None,
                                   val_cache=None if has_val else args.cache, batch_size=args.batch_size,

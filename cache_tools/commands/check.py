@@ -14,8 +14,9 @@ Checks, in order (each problem is one line naming origin ids, structure and file
   as the attributes say;
 - a lattice cache (``--layout lattice``): its block shard files and every block's crc32 and
   values instead, each problem naming the blocks, their structure and the file;
-- origin sets (``cache-tools origins``): arrays present, unchanged and consistent, a problem
-  naming the file and the command that recreates the set;
+- the split and subsets (``cache-tools split``, ``subset``) and origin sets (``cache-tools
+  origins``): arrays present, unchanged and consistent, a problem naming the file and the
+  command that recreates it;
 - with ``--sources``: each structure's source still exists with the content hash it
   was built from (staleness);
 - with ``--spot-check N``: N random origins re-parsed and re-voxelized by the build's
@@ -45,8 +46,8 @@ from pathlib import Path
 
 from cache_tools import format as fmt
 from cache_tools.commands.options import non_negative_int, positive_int
-from cache_tools.commands.integrity import (Cache, Problem, check_metadata, check_origin_sets, check_shard_files,
-                                            check_voxels)
+from cache_tools.commands.integrity import (Cache, Problem, check_metadata, check_origin_sets, check_selections,
+                                            check_shard_files, check_voxels)
 
 # --- sources --------------------------------------------------------------------------
 
@@ -105,6 +106,7 @@ def inspect(root: str | os.PathLike, workers: int | None = None,
         return None, {**report, "problems": [incomplete.to_dict()], "ok": False}
     c = Cache(root, attrs)
     check_metadata(c)
+    check_selections(c)
     check_origin_sets(c)
     if c.lattice:  # every block instead of every origin's image
         from cache_tools.commands.lattice_integrity import Blocks, check_block_files, check_blocks

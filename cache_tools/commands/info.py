@@ -85,12 +85,16 @@ def cache_info(root: str | Path) -> dict:
                                          "max": int(per.max())}
         used = fmt.assemblies(root)  # structures per assembly id their images hold ("asym": the asymmetric unit)
         info["assemblies"] = {a: used.count(a) for a in sorted(set(used), key=lambda a: (a == fmt.ASSEMBLY_ASYM, a))}
-        if (root / fmt.STRUCTURE_SPLIT).exists():
-            codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
-            names = attrs.splits
-            info["splits"] = {name: {"structures": int((codes == i).sum()),
-                                     "origins": int(per[codes == i].sum())}
-                              for i, name in enumerate(names)}
+        if attrs.splits:  # named by the attributes (files of a split they do not name are ignored)
+            try:
+                codes = fmt.read_array(root, fmt.STRUCTURE_SPLIT)
+                if codes.shape != per.shape:
+                    raise fmt.CacheError(f"array '{fmt.STRUCTURE_SPLIT}' has shape {codes.shape}, expected {per.shape}")
+                info["splits"] = {name: {"structures": int((codes == i).sum()), "origins": int(per[codes == i].sum())}
+                                  for i, name in enumerate(attrs.splits)}
+            except fmt.CacheError as exc:  # the images are intact: say so, and go on
+                info["splits_damaged"] = (f"{str(exc).removeprefix(f'{root}: ')}; `cache-tools check` names the "
+                                          "command that recreates it")
         if (root / fmt.STRUCTURE_ATOM_COUNT / "zarr.json").exists():
             info["structure_meta"] = distributions(root)
         if attrs.subsets:
@@ -194,6 +198,8 @@ def format_info(info: dict) -> str:
                      f"{len(info['failures'])} failed so far")
     for name, split in info.get("splits", {}).items():
         lines.append(f"  split {name}: {split['structures']} structures, {split['origins']} origins")
+    if info.get("splits_damaged"):
+        lines.append(f"  split:      damaged: {info['splits_damaged']}")
     if "structure_meta" in info:
         lines.extend(format_distributions(info["structure_meta"]))
     for name, subset in info.get("subsets", {}).items():

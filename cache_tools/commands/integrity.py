@@ -1,6 +1,7 @@
 """The checks of a cache's own bytes, each problem one line naming origins, structure and file:
 metadata arrays, shard files and zarr's shard index, every origin's checksum and values; on a
-lattice cache every block's checksum and values instead; and the origin sets a cache holds.
+lattice cache every block's checksum and values instead; and the split, subsets and origin sets
+a cache holds.
 
 :mod:`.check` runs them (and the staleness of sources); ``pipeline check`` adds what needs
 the build's code.
@@ -11,6 +12,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -132,8 +134,8 @@ def check_metadata(c: Cache) -> None:
 
     sets = {fmt.origin_set_array(name, part) for name in c.attrs.origin_sets for part in fmt.ORIGIN_SET_PARTS}
     for name, recorded in c.attrs.metadata_crc32.items():
-        if name in sets:
-            continue  # check_origin_sets names them with the command that recreates them
+        if name in sets or name == fmt.STRUCTURE_SPLIT or name.startswith(fmt.SUBSET_DIR + "/"):
+            continue  # check_origin_sets, check_selections name them with the command that recreates them
         try:
             changed = fmt.chunk_crc32(c.root, name) != recorded
         except (OSError, fmt.CacheError):
@@ -178,12 +180,6 @@ def check_metadata(c: Cache) -> None:
         if len(wrong):
             c.report("metadata", f"{len(wrong)} origins' structure index disagrees with the structure ranges",
                      int(wrong[0]), int(wrong[-1]), file=fmt.STRUCTURE_INDEX)
-    if (c.root / fmt.STRUCTURE_SPLIT).exists():
-        codes = load(fmt.STRUCTURE_SPLIT, (m,))
-        names = c.attrs.splits
-        if codes is not None and np.any(codes >= len(names)):
-            c.problems.append(Problem("metadata", f"split codes beyond the {len(names)} split names "
-                                      f"{names}", file=fmt.STRUCTURE_SPLIT))
     # dtype and shape as the attributes say
     if c.lattice:
         edge = params.lattice.block_edge
@@ -198,6 +194,59 @@ def check_metadata(c: Cache) -> None:
         c.problems.append(Problem("metadata", f"voxels are {c.layout.dtype.name} {list(c.layout.image_shape)}, "
                                   f"attributes say {params.storage.dtype} {list(shape)}", file=fmt.VOXELS))
 
+
+
+# --- splits and subsets -----------------------------------------------------------------
+
+def check_selections(c: Cache) -> None:
+    """The split and the subsets the attributes name (`cache-tools split`, `subset`): each array
+    present, untruncated, unchanged (crc32), of its length, its values in range. A problem names
+    the file and the command that recreates it (the images are not involved)."""
+    if not c.attrs.splits and not c.attrs.subsets:
+        return
+    from cache_tools.commands.split import recreate_command as split_command  # the commands that write them
+    from cache_tools.commands.subset import recreate_command as subset_command
+
+    try:
+        m = int(fmt.array_meta(c.root, fmt.STRUCTURE_ORIGIN_RANGE)["shape"][0])
+    except (fmt.CacheError, KeyError, IndexError, TypeError):
+        m = None  # reported by check_metadata
+
+    def load(kind: str, what: str, array: str, again: str) -> tuple[np.ndarray | None, Callable[[str], None]]:
+        def problem(detail: str) -> None:
+            c.problems.append(Problem(kind, f"{what}: {detail}; recreate it: {again}", file=array))
+        try:
+            data = fmt.read_array(c.root, array)
+        except fmt.CacheError as exc:
+            problem(str(exc).removeprefix(f"{c.root}: "))
+            return None, problem
+        recorded = c.attrs.metadata_crc32.get(array)
+        if recorded is not None and fmt.chunk_crc32(c.root, array) != recorded:
+            problem("contents changed since it was stored (crc32 differs)")
+            return None, problem
+        return data, problem
+
+    names = c.attrs.splits
+    if names:
+        codes, problem = load("split", f"the split ({', '.join(names)})", fmt.STRUCTURE_SPLIT,
+                              split_command(c.root, c.attrs.split_params))
+        if codes is not None and m is not None and codes.shape != (m,):
+            problem(f"shape {codes.shape}, expected {(m,)}")
+        elif codes is not None and np.any(codes >= len(names)):
+            problem(f"split codes beyond the {len(names)} split names")
+    for name, record in c.attrs.subsets.items():
+        try:
+            array = fmt.subset_array(name)
+        except ValueError as exc:  # attributes edited by hand
+            c.problems.append(Problem("subset", f"{exc}; delete it: cache-tools subset {c.root} {name} --delete"))
+            continue
+        rows, problem = load("subset", f"subset {name!r}", array, subset_command(c.root, name, record))
+        if rows is None:
+            continue
+        if rows.shape != (record.structures,):
+            problem(f"shape {rows.shape}, expected {(record.structures,)}")
+        elif len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or (m is not None and rows[-1] >= m)):
+            problem(f"structure rows are not sorted unique rows below {m}")
 
 
 # --- origin sets ------------------------------------------------------------------------

@@ -11,8 +11,10 @@ reads it as one small memory-mapped array.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,6 +26,9 @@ BALANCE = ("structures", "origins")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Exit codes: 0 done; 1 the split could not be written (a full disk, a read-only cache: the previous "
+                "split is kept, or the cache then has none; its images are intact); 2 a bad option or split name, a "
+                "split given twice, a split that would get no structure, or a cache that cannot be read.")
     p.add_argument("cache", metavar="CACHE")
     p.add_argument("--val", type=fraction, default=0.0, help="fraction for 'val' (default: 0)")
     p.add_argument("--test", type=fraction, default=0.0, help="fraction for 'test' (default: 0)")
@@ -92,6 +97,7 @@ def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: 
     names = list(SPLIT_NAMES)
     codes = np.full(len(ids), 255, dtype=np.uint8)
     for name, listed in (from_files or {}).items():
+        fmt.check_name("split", name)  # the rule subsets and origin sets follow (ValueError)
         if name not in names:
             names.append(name)
         if not listed:
@@ -114,7 +120,12 @@ def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: 
                              f"files) but are listed for splits {', '.join(names[c] for c in sorted(listed))}")
         codes[members] = listed.pop()
     if by_date:
-        return names, date_codes(root, codes, names, by_date)
+        codes = date_codes(root, codes, names, by_date)
+        for name, day in by_date.items():
+            if not (codes == names.index(name)).any():
+                raise ValueError(f"--by-date {name}={day} gives split {name!r} no structures (the cache's "
+                                 f"structures: {date_range(root)})")
+        return names, codes
     free_groups = np.unique(group[codes == 255])
     order = free_groups[np.random.default_rng(seed).permutation(len(free_groups))]
     group_weight = np.bincount(group, weights=weight, minlength=int(group.max(initial=-1)) + 1)
@@ -137,16 +148,35 @@ def compute_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: 
 def assign_splits(root: str | Path, val: float = 0.0, test: float = 0.0, seed: int = 0,
                   from_files: dict[str, list[str]] | None = None, balance: str = "structures",
                   by_date: dict[str, str] | None = None) -> dict[str, int]:
-    """Write the split assignment into the cache; returns structures per split."""
+    """Write the split assignment into the cache, crash-safely (:func:`format.replace_arrays`: a
+    failure leaves the previous split, or none); returns structures per split."""
     names, codes = compute_splits(root, val, test, seed, from_files, balance, by_date)
-    fmt.write_array(root, fmt.STRUCTURE_SPLIT, codes)
-    fmt.update_attrs(root, lambda a: a.replace(
-        splits=tuple(names),
-        metadata_crc32={**a.metadata_crc32, fmt.STRUCTURE_SPLIT: fmt.chunk_crc32(root, fmt.STRUCTURE_SPLIT)},
-        split_params={"by_date": by_date} if by_date else
-        {"val": val, "test": test, "seed": seed, "balance": balance,
-         "from_files": sorted((from_files or {}).keys())}))
+    listed = {"from_files": sorted(from_files)} if from_files else {}
+    params = ({"by_date": by_date, **listed} if by_date else
+              {"val": val, "test": test, "seed": seed, "balance": balance, "from_files": sorted(from_files or {})})
+    fmt.replace_arrays(
+        root, {fmt.STRUCTURE_SPLIT: codes},
+        forget=lambda a: a.replace(splits=(), split_params=None, metadata_crc32={
+            k: v for k, v in a.metadata_crc32.items() if k != fmt.STRUCTURE_SPLIT}),
+        name=lambda a, crcs: a.replace(splits=tuple(names), split_params=params,
+                                       metadata_crc32={**a.metadata_crc32, **crcs}))
     return {name: int((codes == i).sum()) for i, name in enumerate(names)}
+
+
+def recreate_command(root: str | os.PathLike, params: dict | None) -> str:
+    """The `cache-tools split` command that made a split recorded with ``params`` (``split_params``)."""
+    head = f"cache-tools split {root}"
+    lists = " ".join(f"--from-file {name}=IDS.txt" for name in (params or {}).get("from_files") or ())
+    if not params:
+        return f"{head} ... (the options you split it with)"
+    if "origins_file" in params:  # the build took it from an --origins file's split column
+        return (f"{head} --from-file NAME=IDS.txt ... (each split's ids of the split column of the build's "
+                f"--origins file {params['origins_file']})")
+    if "by_date" in params:
+        return " ".join([head, *(f"--by-date {name}={day}" for name, day in params["by_date"].items()), lists]).strip()
+    return (f"{head} --val {params.get('val', 0)} --test {params.get('test', 0)} --seed {params.get('seed', 0)} "
+            f"--balance {params.get('balance', 'structures')} {lists}").strip() + \
+        (" (IDS.txt: the id lists you gave)" if lists else "")
 
 
 def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[str, str]) -> np.ndarray:
@@ -155,6 +185,7 @@ def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[st
 
     bounds = []
     for name, text in by_date.items():
+        fmt.check_name("split", name)  # the rule subsets and origin sets follow (ValueError)
         try:
             bounds.append((fmt.date_to_days(text), name))
         except ValueError as exc:
@@ -173,6 +204,51 @@ def date_codes(root: Path, codes: np.ndarray, names: list[str], by_date: dict[st
     return codes
 
 
+def date_range(root: Path) -> str:
+    """'deposited 1995-03-24 .. 2009-01-21, 1 undated' of the cache's structures, for messages."""
+    from cache_tools.read.structure_meta import StructureColumns
+
+    deposited = StructureColumns(root).values("deposited")
+    dated = deposited[deposited != fmt.DATE_MISSING]
+    undated = len(deposited) - len(dated)
+    text = (f"deposited {fmt.days_to_date(dated.min())} .. {fmt.days_to_date(dated.max())}" if len(dated)
+            else "no structure has a deposition date")
+    return text + (f", {undated} undated" if undated and len(dated) else "")
+
+
+def named_values(option: str, items: list[str], what: str) -> dict[str, str]:
+    """{NAME: VALUE} of repeated ``option NAME=VALUE`` arguments; ValueError for a malformed item,
+    a bad name, or a name given twice (a split has one id list and one start date)."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} {item!r}: expected NAME={what}")
+        fmt.check_name("split", name)
+        if name in values:
+            raise ValueError(f"{option} {item!r}: split {name!r} is already given ({option} {name}={values[name]}); "
+                             f"give each split once")
+        values[name] = value
+    return values
+
+
+def write_failure(exc: OSError, before: fmt.CacheAttrs | None, root: str, what: str,
+                  holds: Callable[[fmt.CacheAttrs], bool]) -> str:
+    """'No space left on device (PATH); nothing was changed': a failed write of a split or subset
+    (``what``, which the attributes hold when ``holds(attrs)``) and what it left, in a few words."""
+    error = f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+    try:
+        now = fmt.read_attrs(root)
+    except fmt.CacheError:
+        now = None
+    if before is None or now == before:
+        return f"{error}; nothing was changed"
+    if now is not None and not holds(now):
+        return (f"{error}; the cache now has no {what} (its images and other data are intact): free space and rerun "
+                "the command")
+    return f"{error}; the new {what} is stored, but may not survive a power loss: rerun the command"
+
+
 def _read_ids(path: str) -> list[str]:
     with open(path, encoding="utf-8") as fh:
         return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
@@ -180,29 +256,27 @@ def _read_ids(path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from_files: dict[str, list[str]] = {}
+    before = None
     try:
-        for item in args.from_file:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--from-file {item!r}: expected NAME=FILE")
+        before = fmt.read_attrs(args.cache)
+        for name, path in named_values("--from-file", args.from_file, "FILE").items():
             try:
                 from_files[name] = _read_ids(path)
             except OSError as exc:
                 raise ValueError(f"{path}: cannot read id list ({exc.strerror or exc})") from None
             if not from_files[name]:
-                raise ValueError(f"--from-file {item!r}: {path} lists no ids")
-        by_date = {}
-        for item in args.by_date:
-            name, sep, day = item.partition("=")
-            if not sep or not name or not day:
-                raise ValueError(f"--by-date {item!r}: expected NAME=YYYY-MM-DD")
-            by_date[name] = day
+                raise ValueError(f"--from-file {f'{name}={path}'!r}: {path} lists no ids")
+        by_date = named_values("--by-date", args.by_date, "YYYY-MM-DD")
         if by_date and (args.val or args.test):
             raise ValueError("--by-date replaces --val/--test; give one or the other")
         counts = assign_splits(args.cache, args.val, args.test, args.seed, from_files, args.balance, by_date)
     except (fmt.CacheError, ValueError) as exc:
         print(f"cache-tools split: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only cache: staged first, so the old split or none
+        print(f"cache-tools split: cannot write the split into {args.cache}: "
+              f"{write_failure(exc, before, args.cache, 'split', lambda a: bool(a.splits))}", file=sys.stderr)
+        return 1
     ranges = fmt.read_array(args.cache, fmt.STRUCTURE_ORIGIN_RANGE)
     codes = fmt.read_array(args.cache, fmt.STRUCTURE_SPLIT)
     per = ranges[:, 1] - ranges[:, 0]

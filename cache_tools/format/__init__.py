@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from cache_tools.format.attrs import (CacheAttrs, CacheParams, Compression, ImageParams, InputNote,
                                       OriginSetRecord, OriginsParams, StorageParams, SubsetRecord, VoxelizerParams,
-                                      read_attrs, require_complete, update_attrs, write_attrs)
+                                      read_attrs, replace_arrays, require_complete, update_attrs, write_attrs)
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, encoder, inner_codecs
 from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout's names)
 from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, origin_set_array, origin_set_dir,
@@ -72,7 +72,8 @@ from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, Vo
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)
 from cache_tools.format.names import (CacheError, check_assembly, check_name, date_to_days, days_to_date,
                                       entry_id_from_name, subset_array)
-from cache_tools.format.store import (array_meta, array_metadata, assemblies, chunk_crc32, encode_ragged, entry_ids,
-                                      file_sha256, group_metadata, metadata_checksums, publish, ragged_item,
-                                      read_array, read_json, read_ragged_strings, remove_temporaries,
-                                      single_chunk_path, write_array, write_json_atomic, write_ragged_strings)
+from cache_tools.format.store import (array_meta, array_metadata, assemblies, chunk_crc32, commit, discard,
+                                      encode_ragged, entry_ids, file_sha256, group_metadata, metadata_checksums,
+                                      publish, ragged_item, read_array, read_json, read_ragged_strings,
+                                      remove_temporaries, single_chunk_path, stage, stage_arrays, write_array,
+                                      write_json_atomic, write_ragged_strings)

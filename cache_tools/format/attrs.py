@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from cache_tools.format.lattice import LatticeParams
 from cache_tools.format.names import ASSEMBLY_ASYM, ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION, OCCUPANCIES, CacheError
-from cache_tools.format.store import read_json, write_json_atomic
+from cache_tools.format.store import chunk_crc32, commit, discard, read_json, stage_arrays, write_json_atomic
 
 
 def _known(cls, doc: dict) -> tuple[dict, dict]:
@@ -368,3 +368,25 @@ def update_attrs(root: str | os.PathLike, change: Callable[[CacheAttrs], CacheAt
         attrs = attrs.replace(**changes)
     write_attrs(root, attrs)
     return attrs
+
+
+def replace_arrays(root: str | os.PathLike, arrays: dict[str, Any], forget: Callable[[CacheAttrs], CacheAttrs],
+                   name: Callable[[CacheAttrs, dict[str, int]], CacheAttrs]) -> CacheAttrs:
+    """Store metadata arrays a command adds after the build (a split, a subset) crash-safely.
+
+    Every file is staged first (a full disk or a read-only cache fails there, and nothing has
+    changed); then ``forget`` drops the old record from the attributes (a crash from here on
+    leaves no such record, never old attributes over new files); the files are renamed in; and
+    ``name(attrs, crc32 of each array)`` records them last. Returns the attributes written.
+    """
+    staged = stage_arrays(root, arrays)
+    try:
+        attrs = read_attrs(root)
+        if forget(attrs) != attrs:
+            write_attrs(root, forget(attrs))
+        commit(staged)
+    except BaseException:
+        discard(staged, root)
+        raise
+    crcs = {array: chunk_crc32(root, array) for array in arrays}
+    return update_attrs(root, lambda a: name(a, crcs))

@@ -65,9 +65,7 @@ ORIGIN_SET_PARTS = (ORIGIN_SET_CENTER, ORIGIN_SET_STRUCTURE_INDEX, ORIGIN_SET_RA
 
 def origin_set_dir(name: str) -> str:
     """Directory of origin set ``name`` (a plain word: it becomes a directory; not zarr.json, the
-    name of its group's metadata file)."""
-    if isinstance(name, str) and name.lower() == "zarr.json":
-        raise ValueError(f"origin set name {name!r}: the name of a zarr metadata file; choose another")
+    name of its group's metadata file): the rule of split and subset names."""
     return f"{ORIGIN_SETS_DIR}/{check_name('origin set', name)}"
 
 

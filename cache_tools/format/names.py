@@ -111,14 +111,18 @@ def days_to_date(days: int) -> dt.date | None:
 # --- names users give --------------------------------------------------------------------------
 
 NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = ("zarr.json",)  # zarr's metadata file, beside the directory a subset or origin set gets
 
 
 def check_name(kind: str, name: str) -> str:
-    """``name`` if it is a plain word a split or subset may have (it becomes a directory or a
-    label): letters, digits, '_', '-', '.'; not starting with '.' or '-'; at most 64 characters."""
-    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
-        raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-' or '.' "
-                         "(not starting with '.' or '-', at most 64 characters)")
+    """``name`` if it is a plain word a split, subset or origin set may have (it becomes a
+    directory or a label): letters, digits, '_', '-', '.'; not starting with '.', '-' or '__'
+    (zarr reserves those); at most 64 characters; not ``zarr.json``. One rule for every kind."""
+    if isinstance(name, str) and name.lower() in RESERVED_NAMES:
+        raise ValueError(f"{kind} name {name!r}: the name of a zarr metadata file; choose another")
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name) or name.startswith("__"):
+        raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-' or '.' (not starting with '.', "
+                         "'-' or '__', at most 64 characters)")
     return name
 
 

@@ -34,6 +34,12 @@ def publish(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
 
     A write that fails removes its temporary; a killed one leaves it for ``remove_temporaries``.
     """
+    commit([stage(path, chunks)])
+
+
+def stage(path: str | os.PathLike, chunks: Iterable[bytes]) -> tuple[Path, Path]:
+    """The first half of :func:`publish`: ``chunks`` written and fsynced to a temporary beside
+    ``path``; returns (temporary, path) for :func:`commit` (or :func:`discard`). Nobody sees it yet."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -43,18 +49,47 @@ def publish(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
                 fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
+    return tmp, path
+
+
+def commit(staged: list[tuple[Path, Path]]) -> None:
+    """Rename staged temporaries onto their names, in order, then fsync their directories (the
+    renames survive a power loss). A rename that fails removes the temporaries not yet renamed."""
+    done = 0
     try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a directory
-            raise
-    finally:
-        os.close(fd)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            done += 1
+    except BaseException:
+        discard(staged[done:])
+        raise
+    for directory in dict.fromkeys(path.parent for _, path in staged):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a directory
+                raise
+        finally:
+            os.close(fd)
+
+
+def discard(staged: list[tuple[Path, Path]], root: str | os.PathLike | None = None) -> None:
+    """Remove staged temporaries that will not be committed; with ``root``, also the directories
+    below it that this leaves empty (those made for the files)."""
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)
+    if root is not None:
+        root = Path(root)
+        for path in sorted({d for _, path in staged for d in path.parents if root in d.parents},
+                           key=lambda d: len(d.parts), reverse=True):
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # not empty: it holds files of its own
 
 
 def remove_temporaries(root: str | os.PathLike) -> int:
@@ -173,6 +208,31 @@ def write_array(root: str | os.PathLike, name: str, data: np.ndarray) -> None:
             write_json_atomic(gpath, group_metadata())
     publish(single_chunk_path(root, name, data.ndim), [data.tobytes()])
     write_json_atomic(adir / "zarr.json", array_metadata(data.shape, data.dtype.name))
+
+
+def stage_arrays(root: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list[tuple[Path, Path]]:
+    """:func:`stage` every file of metadata arrays ``arrays`` (each chunk, then its zarr.json, and
+    the zarr.json of a group not there yet), for one :func:`commit`: nothing changes until then.
+    A failure (a full disk) removes what was staged and the directories made for it."""
+    root = Path(root)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in arrays.items():
+            data = np.ascontiguousarray(data)
+            if data.dtype.byteorder == ">":
+                data = data.astype(data.dtype.newbyteorder("<"))
+            chunk = single_chunk_path(root, name, data.ndim)
+            groups = [root / parent / "zarr.json" for parent in list(Path(name).parents)[:-1]]
+            staged.append(stage(chunk, [data.tobytes()]))
+            staged.append(stage(root / name / "zarr.json",
+                                [json.dumps(array_metadata(data.shape, data.dtype.name), indent=1).encode()]))
+            for group in groups:
+                if not group.exists() and group not in [path for _, path in staged]:
+                    staged.append(stage(group, [json.dumps(group_metadata(), indent=1).encode()]))
+    except BaseException:
+        discard(staged, root)
+        raise
+    return staged
 
 
 def chunk_crc32(root: str | os.PathLike, name: str) -> int:

@@ -167,9 +167,11 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self._n_structures = len(rows)
         self._all = self._n_structures == len(fmt.read_array(self.root, fmt.STRUCTURE_ORIGIN_RANGE))
         self._len = self.n_origins if self._all else int(cumulative[-1])
-        if (subset is not None or origins is not None) and self._n_structures == 0:
+        if (split is not None or subset is not None or origins is not None) and self._n_structures == 0:
+            # an empty split is a mistake (a date past every deposition), never an empty epoch
             raise fmt.CacheError(f"{self.root}: {self.selection.describe()} holds no "
-                                 + ("structure" if origins is None else "origin"))
+                                 + ("structure" if origins is None else "origin")
+                                 + ("; `cache-tools info` counts each split's structures" if split is not None else ""))
 
     @property
     def split(self) -> str | None:

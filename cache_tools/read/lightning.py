@@ -85,6 +85,37 @@ class StreamSampler(Sampler[int]):
         return self.per_rank
 
 
+def _refuse_validating_on_training(cache, split: str | None, val_split: str, given: bool = True) -> None:
+    """ValueError when validation split ``val_split`` of ``cache`` is part of the training data
+    (``given``: passed as val_split=, else the default)."""
+    if split is None:
+        what = f"val_split={val_split!r}" if given else f"the cache's split {val_split!r} (validation's default)"
+        raise ValueError(f"{what} with split=None: training reads every structure of {cache}, split {val_split!r} "
+                         "included; pass split='train' (the split to train on), or val_cache= to validate on "
+                         "training data on purpose")
+    if val_split == split:
+        raise ValueError(f"split and val_split are both {split!r}: the model would be validated on its training "
+                         "data; pass val_split='val' (another split), or val_cache= to do so on purpose")
+
+
+def _default_val_split(cache, split: str | None) -> str | None:
+    """``"val"`` when ``cache`` has that split with structures in it (refused with ``split=None``),
+    else None: no validation (with a warning when the split is named but empty)."""
+    from cache_tools.read.selection import split_counts
+
+    counts = split_counts(cache)
+    if "val" not in counts:
+        return None
+    if counts["val"] == 0:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{cache}: split 'val' holds no structure: training without validation (give the split "
+                       "some with `cache-tools split`, or pass val_cache=)")
+        return None
+    _refuse_validating_on_training(cache, split, "val", given=False)
+    return "val"
+
+
 class VoxelCacheDataModule(L.LightningDataModule):
     """Train and validation loaders over a voxel cache.
 
@@ -92,7 +123,11 @@ class VoxelCacheDataModule(L.LightningDataModule):
     with ``rotate`` augmentation. Validation, in this order: ``val_cache`` (a separate
     small cache, e.g. built from a hand-verified ``--origins val.csv``; ``val_split``
     and ``val_subset`` then apply to it), else split ``val_split`` of ``cache``; with
-    neither, ``"val"`` when the cache has that split, otherwise no validation.
+    neither, ``"val"`` when the cache has that split with structures in it, otherwise no
+    validation (with a warning when ``"val"`` is there but empty). Validating on what is
+    trained on is refused (ValueError): ``val_split`` equal to ``split``, or a split of
+    ``cache`` (given or the default ``"val"``) while ``split=None`` trains on every structure.
+    A ``val_cache`` is the way to validate on training data on purpose.
 
     Lattice caches: ``grid_voxels`` (any view size) and ``jitter_voxels`` (training only), and
     ``neighbor_pairs=True`` (or a dict of :class:`NeighborPairs` options; validation without
@@ -142,6 +177,8 @@ class VoxelCacheDataModule(L.LightningDataModule):
             raise ValueError(f"epoch_size: a positive number of samples, or a fraction of the split, got {epoch_size!r}")
         self.epoch_size = epoch_size
         self.origins, self.val_origins = origins, val_origins
+        if val_cache is None and val_split is not None:
+            _refuse_validating_on_training(cache, split, val_split)
         self.train_dataset: VoxelCacheDataset | None = None
         self.val_dataset: VoxelCacheDataset | None = None
 
@@ -172,10 +209,9 @@ class VoxelCacheDataModule(L.LightningDataModule):
                 self.val_dataset = self._dataset(self.val_cache, self.val_split, self.val_subset, False,
                                                  origins=self.val_origins)
             else:
-                from cache_tools import format as fmt
                 val_split = self.val_split
-                if val_split is None and "val" in fmt.read_attrs(self.cache).splits:
-                    val_split = "val"
+                if val_split is None:
+                    val_split = _default_val_split(self.cache, self.split)
                 if val_split is not None:
                     self.val_dataset = self._dataset(self.cache, val_split, self.val_subset, False,
                                                      origins=self.val_origins or self.origins)

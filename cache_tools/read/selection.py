@@ -29,6 +29,16 @@ def subset_rows(root: str | os.PathLike, name: str, attrs: fmt.CacheAttrs | None
     return fmt.read_array(root, fmt.subset_array(name))
 
 
+def split_counts(root: str | os.PathLike, attrs: fmt.CacheAttrs | None = None) -> dict[str, int]:
+    """Structures in each stored split ({} when the cache has none): `cache-tools split` always
+    names train, val and test, so a name alone does not say a split holds anything."""
+    attrs = fmt.read_attrs(root) if attrs is None else attrs
+    if not attrs.splits:
+        return {}
+    counts = np.bincount(fmt.read_array(root, fmt.STRUCTURE_SPLIT), minlength=len(attrs.splits))
+    return {name: int(counts[k]) for k, name in enumerate(attrs.splits)}
+
+
 def origin_set_array(root: str | os.PathLike, name: str, part: str, attrs: fmt.CacheAttrs | None = None) -> np.ndarray:
     """One array of origin set ``name`` (memory-mapped), or a CacheError naming the stored sets."""
     attrs = fmt.read_attrs(root) if attrs is None else attrs
