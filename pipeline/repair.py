@@ -220,9 +220,12 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
         return [k for k, _, _ in c.structures_of(first, first + c.layout.origins_in_shard(shard) - 1)]
 
     needed = sorted({k for s in shards for k in structures(s)})
-    for k in needed:
+    for k in needed:  # only these: a source the repair does not re-voxelize is not asked for
+        if files[k] is None:
+            raise RepairError(f"structure {c.ids[k]}: no source file with id '{c.ids[k]}' among --sources "
+                              "(its origins share a damaged shard, which is rewritten whole)")
         if not check.unchanged(c, k, check.digest(files[k])):
-            raise RepairError(f"structure {c.ids[k]}: its source ({files[k] or c.paths[k]}) is missing or "
+            raise RepairError(f"structure {c.ids[k]}: its source ({files[k]}) is missing or "
                               "changed since the build; give the original files with --sources")
     try:
         rebuild_shards(c.root, shards, {k: files[k] for k in needed}, progress=progress)
@@ -239,10 +242,13 @@ def run_check(args) -> int:
         if (args.spot_check or args.repair) and fmt.read_attrs(args.cache).params.lattice is not None:
             raise UsageError(f"{args.cache}: {'--repair' if args.repair else '--spot-check'} does not handle lattice "
                              "caches yet (a plain check verifies every block's checksum)")
-        report = full_check(args.cache, args.sources, args.spot_check, args.seed, args.workers, progress)
+        # With --repair, --sources says where the repair finds the sources of the structures it
+        # re-voxelizes (only those are needed, and checked unchanged); a spot check still hashes them all.
+        staleness = None if args.repair and not args.spot_check else args.sources
+        report = full_check(args.cache, staleness, args.spot_check, args.seed, args.workers, progress)
         if args.repair and not report["ok"]:
             repaired = repair(args.cache, report, args.sources, progress)
-            report = {**full_check(args.cache, args.sources, 0, args.seed, args.workers, progress),
+            report = {**full_check(args.cache, staleness, 0, args.seed, args.workers, progress),
                       "repaired": repaired}
     except (fmt.CacheError, UsageError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -163,7 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the spot check's choice (default: 0)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite the shard files that hold damaged origins from their sources with the "
-                        f"build's own code, then check again {BUILD_SIDE_HELP}")
+                        "build's own code, then check again; only the structures it re-voxelizes need a "
+                        "source (the recorded path, or one found among --sources PATH) "
+                        f"{BUILD_SIDE_HELP}")
     p.add_argument("--workers", type=positive_int, default=None, help="threads for checksums (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
