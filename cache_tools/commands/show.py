@@ -16,6 +16,7 @@ matplotlib's Agg canvas (no pyplot, no display).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ from typing import Sequence
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.commands.options import positive_int
 from cache_tools.read.rotations import N_CUBE_ROTATIONS, rotate_view
 
 AXES = ("x", "y", "z")
 SUM_FACTOR = 3.0        # default: flag an image whose sum is > 3x or < 1/3 of its structure's median
 MEDIAN_SAMPLE = 256     # a structure's median sum is taken over at most this many of its origins
 SATURATED_STORED = 255  # uint8 value of a clipped voxel
+MAX_ROWS = 200          # rows per picture: 200 rows of 4 channels is a 14,560-px-tall PNG, drawn in ~20 s at a
+                        # peak RSS of 650 MiB (measured); more are drawn page by page (--page P)
 
 
 # --- what is drawn ---------------------------------------------------------------------
@@ -72,6 +76,7 @@ class Shown:
     structure_median: float
     saturated: np.ndarray             # [C] voxels stored as 255 (uint8 caches), else zeros
     flags: list[str] = field(default_factory=list)
+    damaged: str | None = None        # why the image could not be read (its projections are NaN)
 
     @property
     def empty(self) -> bool:
@@ -86,47 +91,78 @@ class Sheet:
     dtype: str
     channels: list[list[str]]
     rows: list[Shown]
+    page: int = 1
+    pages: int = 1
+    total_rows: int = 0               # rows of every page
 
     def summary(self, out: str | os.PathLike) -> str:
-        """One line: what was drawn and which origins are flagged."""
+        """One line: what was drawn (which page of how many) and which origins are flagged."""
         def ids(pred) -> str:
             hit = sorted({r.origin_id for r in self.rows if pred(r)})
             listed = ", ".join(map(str, hit[:8])) + (" ..." if len(hit) > 8 else "")
             return f"{len(hit)}" + (f" ({listed})" if hit else "")
         origins = len({r.origin_id for r in self.rows})
-        flags = (f"empty {ids(lambda r: r.empty)}; "
+        damaged = [r for r in self.rows if r.damaged]
+        flags = ((f"damaged {ids(lambda r: r.damaged)} (run cache-tools check); " if damaged else "")
+                 + f"empty {ids(lambda r: r.empty)}; "
                  + (f"saturated {ids(lambda r: r.saturated.any())}; " if self.dtype == "uint8" else "")
                  + f"sum far from structure median {ids(lambda r: any(f.startswith('sum') for f in r.flags))}")
-        return f"{out}: {origins} origins, {len(self.rows)} rows x {len(self.channels)} channels; flagged: {flags}"
+        paged = ""
+        if self.pages > 1:
+            first = (self.page - 1) * MAX_ROWS + 1
+            paged = (f" (page {self.page} of {self.pages}: rows {first}-{first + len(self.rows) - 1} of "
+                     f"{self.total_rows}, at most {MAX_ROWS} per picture; --page P draws the others)")
+        return (f"{out}: {origins} origins, {len(self.rows)} rows x {len(self.channels)} channels{paged}; "
+                f"flagged: {flags}")
+
+
+def _read(ds, index: int) -> dict | str:
+    """``ds[index]``, or why it cannot be read (a damaged origin: its checksum, its shard file)."""
+    try:
+        return ds[int(index)]
+    except fmt.CacheError as exc:
+        return str(exc).removeprefix(f"{ds.root}: ")
 
 
 def _structure_medians(ds, structures: set[int]) -> dict[int, float]:
-    """Median image sum of each structure, over at most MEDIAN_SAMPLE evenly spaced origins."""
+    """Median image sum of each structure, over at most MEDIAN_SAMPLE evenly spaced origins
+    (damaged ones left out: NaN when none can be read)."""
     medians = {}
     for k in sorted(structures):
         ids = np.asarray(ds.origins_of_structure(k))
         if len(ids) > MEDIAN_SAMPLE:
             ids = ids[np.linspace(0, len(ids) - 1, MEDIAN_SAMPLE).round().astype(np.int64)]
-        sums = [float(ds[int(i)]["image"].numpy().sum()) for i in ids]  # numpy: torch's sum is ~100x slower here
-        medians[k] = float(np.median(sums))
+        samples = (_read(ds, i) for i in ids)
+        sums = [float(s["image"].numpy().sum()) for s in samples if isinstance(s, dict)]  # numpy: torch's sum is ~100x slower
+        medians[k] = float(np.median(sums)) if sums else float("nan")
     return medians
+
+
+def check_sum_factor(sum_factor: float) -> None:
+    """ValueError unless ``sum_factor`` is a finite number above 1 (nan would flag every image)."""
+    if not (isinstance(sum_factor, (int, float)) and math.isfinite(sum_factor) and sum_factor > 1):
+        raise ValueError(f"--sum-factor {sum_factor}: must be a finite number above 1")
 
 
 def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str | None = None,
             random: int = 0, seed: int = 0, rotate: int | str | None = None,
-            sum_factor: float = SUM_FACTOR) -> Sheet:
+            sum_factor: float = SUM_FACTOR, page: int = 1) -> Sheet:
     """Read and flag what the sheet shows.
 
     Origins are ``origin_ids`` (global ids), or ``random`` of them drawn with ``seed``
     from ``split`` (or the whole cache). ``rotate`` is a cube rotation 0..23 applied to
-    every origin, ``"all"`` for one row per rotation, or None (0). Raises ValueError or
-    CacheError with a one-line message for ids, splits and rotations that do not exist.
+    every origin, ``"all"`` for one row per rotation, or None (0). At most MAX_ROWS rows are
+    read and drawn: page ``page`` (1, 2, ...) of them. Every image read is checked against its
+    crc32: a damaged one is a DAMAGED row (NaN projections), the others are drawn. Raises
+    ValueError or CacheError with a one-line message for ids, splits, rotations and pages that
+    do not exist.
     """
     from cache_tools.read.dataset import VoxelCacheDataset
 
+    check_sum_factor(sum_factor)
     root = str(cache)
     attrs = fmt.read_attrs(root)
-    ds = VoxelCacheDataset(root)  # whole cache, no augmentation: index = origin id
+    ds = VoxelCacheDataset(root, verify=True)  # whole cache, no augmentation: index = origin id
     n = len(ds)
     ids = [int(i) for i in origin_ids]
     if random:
@@ -153,32 +189,50 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
     else:
         raise ValueError(f"--rotate {rotate}: expected a cube rotation 0-{N_CUBE_ROTATIONS - 1} or 'all'")
 
-    samples = {i: ds[i] for i in dict.fromkeys(ids)}
-    medians = _structure_medians(ds, {int(s["structure_index"]) for s in samples.values()})
+    wanted = [(i, cube) for i in ids for cube in cubes]
+    pages = -(-len(wanted) // MAX_ROWS)
+    if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
+        raise ValueError(f"--page {page}: the sheet has {pages} page(s) of at most {MAX_ROWS} rows "
+                         f"({len(wanted)} rows)")
+    wanted = wanted[(page - 1) * MAX_ROWS:page * MAX_ROWS]
+    samples = {i: _read(ds, i) for i in dict.fromkeys(i for i, _ in wanted)}
+    medians = _structure_medians(ds, {int(s["structure_index"]) for s in samples.values() if isinstance(s, dict)})
     saturation = (np.float32(SATURATED_STORED - 0.5) * np.float32(attrs.scale)
                   if attrs.params.storage.dtype == "uint8" else None)
+    index = fmt.read_array(root, fmt.STRUCTURE_INDEX)
+    centers = fmt.read_array(root, fmt.CENTER)
     rows = []
-    for i in ids:
-        for cube in cubes:
-            projections, sample = origin_projections(ds, i, cube)
-            image = sample["image"].numpy()
-            total = float(image.sum())
-            k = int(sample["structure_index"])
-            saturated = ((image >= saturation).sum(axis=(1, 2, 3)) if saturation is not None
-                         else np.zeros(len(image), dtype=np.int64))
-            flags = []
-            if total == 0.0:
-                flags.append("EMPTY")
-            elif medians[k] > 0 and not medians[k] / sum_factor <= total <= medians[k] * sum_factor:
-                flags.append(f"sum {total / medians[k]:.2g}x median")
-            if saturated.any():
-                flags.append(f"{int(saturated.sum())} saturated")
+    for i, cube in wanted:
+        if not isinstance(samples[i], dict):  # damaged: say so, draw the others
+            k, length = int(index[i]), int(ds.view_voxels)
             rows.append(Shown(origin_id=i, structure_id=ds.structure_id(k),
-                              center_A=tuple(float(c) for c in sample["center_A"]),
-                              stored_rotation=int(sample["rotation"]), cube_rotation=cube,
-                              projections=projections, image_sum=total,
-                              structure_median=medians[k], saturated=saturated, flags=flags))
-    return Sheet(cache=root, dtype=attrs.params.storage.dtype, channels=ds.channels, rows=rows)
+                              center_A=tuple(float(c) for c in centers[i]), stored_rotation=0, cube_rotation=cube,
+                              projections=np.full((len(ds.channels), 3, length, length), np.nan, np.float32),
+                              image_sum=float("nan"), structure_median=medians.get(k, float("nan")),
+                              saturated=np.zeros(len(ds.channels), np.int64), flags=["DAMAGED"],
+                              damaged=samples[i]))
+            continue
+        projections = project(rotate_view(samples[i]["image"].numpy(), int(cube)))
+        sample = samples[i]
+        image = sample["image"].numpy()
+        total = float(image.sum())
+        k = int(sample["structure_index"])
+        saturated = ((image >= saturation).sum(axis=(1, 2, 3)) if saturation is not None
+                     else np.zeros(len(image), dtype=np.int64))
+        flags = []
+        if total == 0.0:
+            flags.append("EMPTY")
+        elif medians[k] > 0 and not medians[k] / sum_factor <= total <= medians[k] * sum_factor:  # NaN: False
+            flags.append(f"sum {total / medians[k]:.2g}x median")
+        if saturated.any():
+            flags.append(f"{int(saturated.sum())} saturated")
+        rows.append(Shown(origin_id=i, structure_id=ds.structure_id(k),
+                          center_A=tuple(float(c) for c in sample["center_A"]),
+                          stored_rotation=int(sample["rotation"]), cube_rotation=cube,
+                          projections=projections, image_sum=total,
+                          structure_median=medians[k], saturated=saturated, flags=flags))
+    return Sheet(cache=root, dtype=attrs.params.storage.dtype, channels=ds.channels, rows=rows, page=page,
+                 pages=pages, total_rows=len(ids) * len(cubes))
 
 
 # --- drawing ---------------------------------------------------------------------------
@@ -210,8 +264,8 @@ def contact_sheet(sheet: Sheet):
 
     rows, n_channels = sheet.rows, len(sheet.channels)
     length = rows[0].projections.shape[-1]
-    stack = np.stack([r.projections for r in rows])            # [rows, C, 3, L, L]
-    vmax = stack.max(axis=(0, 2, 3, 4))
+    stack = np.stack([r.projections for r in rows])            # [rows, C, 3, L, L]; NaN: damaged
+    vmax = np.where(np.isnan(stack), -np.inf, stack).max(axis=(0, 2, 3, 4))
     vmax = np.where(vmax > 0, vmax, 1.0)
     row_h, panel_w, label_w, top_h, bottom_h = 0.72, 2.2, 2.3, 0.85, 0.75
     height = row_h * len(rows) + top_h + bottom_h
@@ -242,6 +296,9 @@ def contact_sheet(sheet: Sheet):
             for spine in ax.spines.values():
                 spine.set_color("red" if bad else "0.6")
                 spine.set_linewidth(2.0 if bad else 0.5)
+            if row.damaged and c == 0:
+                ax.text(0.5, 0.5, "DAMAGED: not drawn (run cache-tools check)", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=6.5, color="red", fontweight="bold")
             if row.saturated[c]:
                 ax.text(0.99, 0.96, f"{int(row.saturated[c])} sat", transform=ax.transAxes, ha="right",
                         va="top", fontsize=6.5, color="red", fontweight="bold",
@@ -302,8 +359,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("One row per origin (per cube rotation with --rotate all), one panel per channel: its "
                 "maximum-intensity projections along x, y and z, one colour scale per channel. Flagged "
                 "in red and in the one-line summary on stdout: empty images, voxels saturated at the "
-                "uint8 maximum, image sums far from their structure's median. Exit codes: 0 written; "
-                "2 bad ids, split, option or --out, or a cache that cannot be read.")
+                "uint8 maximum, image sums far from their structure's median, and DAMAGED images (checksum "
+                f"verified; the others are drawn). At most {MAX_ROWS} rows per picture (--page). Exit codes: "
+                "0 written; 1 written, with damaged images flagged; 2 bad ids, split, option or --out, or a "
+                "cache that cannot be read.")
     p.add_argument("cache", metavar="CACHE", help="path of the zarr store")
     p.add_argument("origin_ids", metavar="ORIGIN_ID", type=int, nargs="*", help="origin ids to show")
     p.add_argument("--out", required=True, metavar="FILE.png", help="picture to write (PNG; .svg/.pdf work too)")
@@ -315,33 +374,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or one row per rotation with 'all'")
     p.add_argument("--sum-factor", type=float, default=SUM_FACTOR, metavar="F",
                    help="flag images whose sum is above F times or below 1/F of their structure's "
-                        "median (default: %(default)s)")
+                        "median; a finite number above 1 (default: %(default)s)")
+    p.add_argument("--page", type=positive_int, default=1, metavar="P",
+                   help=f"a picture holds at most {MAX_ROWS} rows; draw page P of them (default: %(default)s)")
 
 
-def _check_writable(out: str) -> None:
+def picture_path(out: str) -> Path:
+    """The file the picture goes to: ``out``, with ``.png`` added when it has no suffix (as
+    matplotlib does), so the summary names the file that exists. ValueError for an empty name."""
+    if not out.strip():
+        raise ValueError(f"--out {out!r}: give the name of the picture to write (e.g. sheet.png)")
     path = Path(out)
+    return path.with_name(path.name + ".png") if not path.suffix and not path.is_dir() else path
+
+
+def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise ValueError(f"{out}: cannot write the picture (is a directory)")
+        raise ValueError(f"{path}: cannot write the picture (is a directory)")
     if not parent.is_dir():
-        raise ValueError(f"{out}: cannot write the picture (directory {parent} does not exist)")
+        raise ValueError(f"{path}: cannot write the picture (directory {parent} does not exist)")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{out}: cannot write the picture (permission denied)")
+        raise ValueError(f"{path}: cannot write the picture (permission denied)")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out
     try:
-        if args.sum_factor <= 1:
-            raise ValueError(f"--sum-factor {args.sum_factor}: must be above 1")
-        _check_writable(args.out)
+        check_sum_factor(args.sum_factor)
+        out = picture_path(args.out)
+        _check_writable(out)
         sheet = collect(args.cache, args.origin_ids, split=args.split, random=args.random, seed=args.seed,
-                        rotate=args.rotate, sum_factor=args.sum_factor)
-        render(sheet, args.out)
+                        rotate=args.rotate, sum_factor=args.sum_factor, page=args.page)
+        render(sheet, out)
     except (fmt.CacheError, ValueError) as exc:
         print(f"cache-tools show: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cache-tools show: {args.out}: cannot write the picture ({exc.strerror or exc})", file=sys.stderr)
+        print(f"cache-tools show: {out}: cannot write the picture ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    print(sheet.summary(args.out))
-    return 0
+    print(sheet.summary(out))
+    return 1 if any(r.damaged for r in sheet.rows) else 0
