@@ -90,10 +90,14 @@ def test_pairs_are_drawn_home_and_neighbor_with_their_label(lattice_factory, cac
     out = tmp_path / "pairs.png"
     assert cache_tools(["show", str(root), "0", "--pairs", "--grid-voxels", "11", "--seed", "5", "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"{out}: 1 pairs, 11³ views, 2 rows x 4 channels; pairs: 0 ")
-    # a per-origin cache cuts no views
-    assert cache_tools(["show", str(cache_factory("float32")), "0", "--pairs", "--out", str(out)]) == 2
+    # a per-origin cache cuts no views (its own size is what it stores)
+    per_origin = str(cache_factory("float32"))
+    assert cache_tools(["show", per_origin, "0", "--pairs", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--pairs needs views cut at training time" in err
+    assert cache_tools(["show", per_origin, "0", "--grid-voxels", "13", "--out", str(out)]) == 2
+    assert "--grid-voxels needs views cut at training time" in capsys.readouterr().err
+    assert cache_tools(["show", per_origin, "0", "--grid-voxels", "11", "--out", str(out)]) == 0
 
 
 def test_a_damaged_block_flags_exactly_the_views_that_read_it(lattice_factory, tmp_path):

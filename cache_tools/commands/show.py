@@ -96,10 +96,14 @@ def _cubes(rotate: int | str | None, pairs: bool) -> list[int]:
     raise ValueError(f"--rotate {rotate}: expected a cube rotation 0-{N_CUBE_ROTATIONS - 1} or 'all'")
 
 
-def _datasets(root: str, lattice: bool, grid_voxels: int | None, origins: str | None, pairs: bool, seed: int):
+def _datasets(root: str, attrs: fmt.CacheAttrs, grid_voxels: int | None, origins: str | None, pairs: bool,
+              seed: int):
     """(the Dataset the rows come from, the plain one the medians come from), checksums verified."""
     from cache_tools.read.dataset import VoxelCacheDataset
 
+    lattice = attrs.params.lattice is not None
+    if not lattice and grid_voxels == attrs.params.image.grid_voxels:
+        grid_voxels = None  # the stored images' own size
     if not lattice and (grid_voxels is not None or origins is not None or pairs):
         flag = "--pairs" if pairs else "--origins" if origins is not None else "--grid-voxels"
         raise ValueError(f"{root}: {flag} needs views cut at training time, and this cache stores one image per "
@@ -133,7 +137,7 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
     root = str(cache)
     attrs = fmt.read_attrs(root)
     cubes = _cubes(rotate, pairs)
-    ds, plain = _datasets(root, attrs.params.lattice is not None, grid_voxels, origins, pairs, seed)
+    ds, plain = _datasets(root, attrs, grid_voxels, origins, pairs, seed)
     n = plain.n_origins  # ids are global: of the cache, or of the origin set
     ids = [int(i) for i in origin_ids]
     if random:
