@@ -19,7 +19,7 @@ import numpy as np
 from cache_tools import format as fmt
 from cache_tools.commands import check
 from cache_tools.commands.integrity import SHARD_KINDS, Cache, Problem, check_metadata
-from pipeline import write
+from pipeline import lattice_repair, write
 from pipeline.build import BuildParams
 from pipeline.encode import OriginEncoder
 from pipeline.errors import BuildError, InputError
@@ -84,7 +84,10 @@ def rebuild_shards(root: str | os.PathLike, shards: list[int], sources: dict[int
         raise BuildError(str(exc)) from None
     try:
         fmt.remove_temporaries(root)  # an earlier repair's, killed mid-publish
-        _rebuild(root, shards, sources, params, progress)
+        if attrs.params.lattice is not None:  # block shards
+            lattice_repair.rebuild_block_shards(root, shards, sources, params, progress)
+        else:
+            _rebuild(root, shards, sources, params, progress)
     finally:
         lock.__exit__(None, None, None)
 
@@ -102,17 +105,7 @@ def _rebuild(root: Path, shards: list[int], sources: dict[int, Path], params: Bu
         for shard in tqdm(shards, desc="repair", unit="shard", disable=not progress):
             pieces = shard_pieces(ranges, range(len(ranges)), layout, [shard])  # atoms saved by structure
             for k, _, _ in pieces:
-                if write.atoms_path(root, k).exists():
-                    continue
-                try:
-                    atoms = parse_atoms(sources[k], params.channels, assemblies[k], params.occupancy)
-                except ParseError as exc:
-                    raise BuildError(f"{sources[k]}: {exc}") from None
-                if len(atoms) != atom_count[k]:
-                    raise BuildError(f"{sources[k]}: parses to {len(atoms)} atoms, the cache recorded "
-                                     f"{atom_count[k]} (parse rules changed?); rebuild the cache instead")
-                write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
-                                  **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
+                lattice_repair.save_atoms(root, k, sources[k], params, assemblies[k], int(atom_count[k]))
             lo = shard * layout.origins_per_shard
             try:
                 write_task(str(root), [shard], pieces, params.image, params.storage, params.rotations,
@@ -193,7 +186,9 @@ def full_check(root: str | os.PathLike, sources: list[str] | None = None, spot: 
         usable = check.check_sources(c, files, workers or os.cpu_count() or 1)
         report["sources_checked"] = len(files)
         if spot:
-            report["spot_checked"] = spot_check(c, files, usable, spot, seed, progress)
+            sample = lattice_repair.spot_check_blocks if c.lattice else spot_check  # blocks, or origins
+            report["spot_checked"] = sample(c, files, usable, spot, seed, progress)
+            report["spot_unit"] = "blocks" if c.lattice else "origins"
     return check.conclude(c, report)
 
 
@@ -210,20 +205,29 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
     c = Cache(Path(root).absolute())
     check_metadata(c)
     per_shard = c.layout.origins_per_shard
-    shards = sorted({s for p in problems if p.kind in SHARD_KINDS
-                     for s in range(p.origins[0] // per_shard, p.origins[1] // per_shard + 1)})
+    if c.lattice:  # block shards, each holding blocks of whole lattices (every copy of a structure)
+        shards = lattice_repair.damaged_block_shards(c, problems)
+        tables = lattice_repair.LatticeTables(c.root, c.attrs.params.rotations)
+    else:
+        shards = sorted({s for p in problems if p.kind in SHARD_KINDS and p.origins is not None
+                         for s in range(p.origins[0] // per_shard, p.origins[1] // per_shard + 1)})
     if not shards:
         return []
     files = resolve_sources(c, sources or [])
 
     def structures(shard: int) -> list[int]:
+        if c.lattice:
+            return lattice_repair.shard_structures(c, tables, shard)
         first = shard * per_shard
         return [k for k, _, _ in c.structures_of(first, first + c.layout.origins_in_shard(shard) - 1)]
 
     needed = sorted({k for s in shards for k in structures(s)})
-    for k in needed:
+    for k in needed:  # only these: a source the repair does not re-voxelize is not asked for
+        if files[k] is None:
+            raise RepairError(f"structure {c.ids[k]}: no source file with id '{c.ids[k]}' among --sources "
+                              "(its origins share a damaged shard, which is rewritten whole)")
         if not check.unchanged(c, k, check.digest(files[k])):
-            raise RepairError(f"structure {c.ids[k]}: its source ({files[k] or c.paths[k]}) is missing or "
+            raise RepairError(f"structure {c.ids[k]}: its source ({files[k]}) is missing or "
                               "changed since the build; give the original files with --sources")
     try:
         rebuild_shards(c.root, shards, {k: files[k] for k in needed}, progress=progress)
@@ -237,13 +241,13 @@ def run_check(args) -> int:
     """``pipeline check``: the arguments of ``cache-tools check`` (``check.add_arguments``)."""
     progress, prog = not args.quiet, os.environ.get("VOXEL_CACHE_CALLER", "pipeline check")
     try:
-        if (args.spot_check or args.repair) and fmt.read_attrs(args.cache).params.lattice is not None:
-            raise UsageError(f"{args.cache}: {'--repair' if args.repair else '--spot-check'} does not handle lattice "
-                             "caches yet (a plain check verifies every block's checksum)")
-        report = full_check(args.cache, args.sources, args.spot_check, args.seed, args.workers, progress)
+        # With --repair, --sources says where the repair finds the sources of the structures it
+        # re-voxelizes (only those are needed, and checked unchanged); a spot check still hashes them all.
+        staleness = None if args.repair and not args.spot_check else args.sources
+        report = full_check(args.cache, staleness, args.spot_check, args.seed, args.workers, progress)
         if args.repair and not report["ok"]:
             repaired = repair(args.cache, report, args.sources, progress)
-            report = {**full_check(args.cache, args.sources, 0, args.seed, args.workers, progress),
+            report = {**full_check(args.cache, staleness, 0, args.seed, args.workers, progress),
                       "repaired": repaired}
     except (fmt.CacheError, UsageError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -202,6 +202,34 @@ def test_repair_restores_the_exact_bytes(cache, pristine):
     assert not (cache / fmt.BUILD_DIR).exists()
 
 
+def test_repair_needs_only_the_sources_of_the_structures_it_revoxelizes(cache, pristine, tmp_path):
+    """Issue 24 item 13: `--repair --sources DIR` with only the needed file in DIR repaired the shard but
+    exited 1 with a source-missing line for every other structure."""
+    ids = [fmt.ragged_item(*fmt.read_ragged_strings(cache, fmt.STRUCTURE_ID), k) for k in range(3)]
+    recorded = Path(fmt.ragged_item(*fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH), 0))
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(recorded, only / recorded.name)  # structure 0's file: shard 0 holds its origins 0-7 only
+    layout = fmt.VoxelLayout(cache)
+    path, offset = origin_bytes(cache, 5)
+    poke(path, offset + 3, b"\xff\xff")
+    out = cli(cache, "--repair", "--sources", only)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"repaired: {layout.shard_path(0).relative_to(cache)} (structures {ids[0]})"
+    assert len(lines) == 2 and lines[1].endswith(": OK (28 origins, 3 structures, "
+                                                 f"{28 * layout.origin_nbytes / 2**20:.1f} MiB checksummed)")
+    assert path.read_bytes() == fmt.VoxelLayout(pristine).shard_path(0).read_bytes()
+    # a structure the repair does need and DIR lacks: one line naming it, nothing written
+    path, offset = origin_bytes(cache, 20)  # shard 2: origins 16-23, structures 1 and 2
+    poke(path, offset + 3, b"\xff\xff")
+    before = path.read_bytes()
+    out = cli(cache, "--repair", "--sources", only)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"structure {ids[1]}: no source file with id '{ids[1]}' among --sources" in out.stderr
+    assert path.read_bytes() == before
+
+
 def test_repair_refuses_a_changed_source(cache):
     k0_path = Path(fmt.ragged_item(*fmt.read_ragged_strings(cache, fmt.STRUCTURE_SOURCE_PATH), 0))
     layout = fmt.VoxelLayout(cache)

@@ -2,6 +2,7 @@
 origin and channel, and flags what a reviewer must see (empty, saturated, odd sums)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 
@@ -161,3 +162,73 @@ def test_cli_samples_a_split_reproducibly(cache_factory, tmp_path, capsys):
     assert cache_tools_main(["show", str(root), "--split", "val", "--random", "5", "--seed", "3",
                              "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"{out}: 5 origins") and imread(out).ndim == 3
+
+
+def test_out_names_the_file_written_and_a_bad_out_or_sum_factor_is_one_line(cache_factory, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Issue 24 item 15: `--out sh11` writes sh11.png and the summary must name it; `--out ""` is no
+    directory; a NaN --sum-factor would flag every image."""
+    root = str(cache_factory("float32", rotations=3))
+    monkeypatch.chdir(tmp_path)
+    assert cache_tools_main(["show", root, "0", "--out", "sh11"]) == 0
+    assert capsys.readouterr().out.startswith("sh11.png: 1 origins, 1 rows x 4 channels; flagged:")
+    assert (tmp_path / "sh11.png").is_file() and not (tmp_path / "sh11").exists()
+    cases = {("--out", ""): "--out '': give the name of the picture to write",
+             ("--out", "x.png", "--sum-factor", "nan"): "--sum-factor nan: must be a finite number above 1",
+             ("--out", "x.png", "--sum-factor", "inf"): "--sum-factor inf: must be a finite number above 1",
+             ("--out", "x.png", "--sum-factor", "1"): "--sum-factor 1.0: must be a finite number above 1",
+             ("--out", "x.png", "--page", "0"): "argument --page: must be a positive integer, got 0",
+             ("--out", "x.png", "--page", "2"): "--page 2: the sheet has 1 page(s) of at most 200 rows (1 rows)"}
+    for argv, reason in cases.items():
+        with pytest.raises(SystemExit) if "argument" in reason else contextlib.nullcontext() as stop:
+            assert cache_tools_main(["show", root, "0", *argv]) == 2, argv
+        if stop is not None:
+            assert stop.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and reason in captured.err, captured.err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="--sum-factor nan"):
+        collect(root, [0], sum_factor=float("nan"))
+
+
+def test_a_sheet_holds_at_most_200_rows_and_reads_only_its_page(cache_factory, tmp_path, capsys):
+    """`--random 100000` drew every origin into one picture (600 rows took 1.1 GiB): now pages of 200 rows."""
+    root = str(cache_factory("float32", rotations=3))
+    n = len(VoxelCacheDataset(root))
+    first = collect(root, random=100000, rotate="all")
+    assert len(first.rows) == 200 and first.total_rows == 24 * n and first.pages == -(-24 * n // 200)
+    assert [(r.origin_id, r.cube_rotation) for r in first.rows] == [(i, k) for i in range(9) for k in range(24)][:200]
+    summary = first.summary("a.png")
+    assert f"(page 1 of {first.pages}: rows 1-200 of {24 * n}, at most 200 per picture; --page P draws the others)" \
+        in summary
+    out = tmp_path / "p2.png"
+    assert cache_tools_main(["show", root, *map(str, range(9)), "--rotate", "all", "--page", "2",
+                             "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"{out}: 1 origins, 16 rows x 4 channels (page 2 of 2: rows 201-216 of 216,") and out.is_file()
+
+
+def test_a_damaged_origin_is_flagged_and_the_rest_of_its_structure_is_drawn(cache_factory, tmp_path, capsys):
+    root = tmp_path / "cache.zarr"
+    shutil.copytree(cache_factory("float32"), root)
+    layout = fmt.VoxelLayout(root)
+    shard, offset = layout.locate(3)
+    path = layout.shard_path(shard)
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    structure = int(fmt.read_array(root, fmt.STRUCTURE_INDEX)[3])
+    ds = VoxelCacheDataset(root)
+    mates = [i for i in ds.origins_of_structure(structure) if i != 3]
+    sheet = collect(root, random=100000)
+    rows = {r.origin_id: r for r in sheet.rows}
+    assert len(rows) == len(ds) and rows[3].flags == ["DAMAGED"] and "checksum mismatch" in rows[3].damaged
+    assert np.isnan(rows[3].projections).all()
+    expected_median = float(np.median([ds[i]["image"].numpy().sum() for i in mates]))
+    for i in mates:
+        np.testing.assert_array_equal(rows[i].projections, project(ds[i]["image"].numpy()))
+        assert rows[i].structure_median == expected_median and "DAMAGED" not in rows[i].flags
+    assert sheet.summary("d.png").split("flagged: ")[1].startswith("damaged 1 (3) (run cache-tools check); empty")
+    out = tmp_path / "d.png"
+    assert cache_tools_main(["show", str(root), "2", "3", "4", "--out", str(out)]) == 1
+    assert "damaged 1 (3)" in capsys.readouterr().out and out.is_file()

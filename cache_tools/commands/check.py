@@ -19,11 +19,11 @@ Checks, in order (each problem is one line naming origin ids, structure and file
   command that recreates it;
 - with ``--sources``: each structure's source still exists with the content hash it
   was built from (staleness);
-- with ``--spot-check N``: N random origins re-parsed and re-voxelized by the build's
-  own code and compared byte for byte with the stored images.
+- with ``--spot-check N``: N random origins (on a lattice cache, N random blocks) re-parsed
+  and re-voxelized by the build's own code and compared byte for byte with the stored ones.
 
-``--repair`` rewrites the damaged shard files from their structures' sources with the
-build's write task (every other file is left alone), then checks again.
+``--repair`` rewrites the damaged shard files (a lattice cache's block shards too) from their
+structures' sources with the build's write task (every other file is left alone), then checks again.
 Exit codes: 0 clean, 1 problems found (or left after --repair), 2 cannot read the cache.
 
 What needs the build's code (finding sources by id among ``--sources PATH``, ``--spot-check``,
@@ -161,12 +161,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from; with no PATH, the source paths recorded in the cache, else files, "
                         f"directories or @list.txt matched by structure id {BUILD_SIDE_HELP}")
     p.add_argument("--spot-check", type=non_negative_int, default=0, metavar="N",
-                   help="re-parse and re-voxelize N random origins and compare them with the stored "
-                        f"images (uses --sources, or the recorded source paths) {BUILD_SIDE_HELP}")
+                   help="re-parse and re-voxelize N random origins (a lattice cache: N random blocks) and "
+                        "compare them with the stored bytes (uses --sources, or the recorded source paths) "
+                        f"{BUILD_SIDE_HELP}")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the spot check's choice (default: 0)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite the shard files that hold damaged origins from their sources with the "
-                        f"build's own code, then check again {BUILD_SIDE_HELP}")
+                        "build's own code, then check again; only the structures it re-voxelizes need a "
+                        "source (the recorded path, or one found among --sources PATH) "
+                        f"{BUILD_SIDE_HELP}")
     p.add_argument("--workers", type=positive_int, default=None, help="threads for checksums (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -223,7 +226,7 @@ def format_report(report: dict) -> str:
     if report["sources_checked"]:
         checked.append(f"{report['sources_checked']} sources hashed")
     if report["spot_checked"]:
-        checked.append(f"{report['spot_checked']} origins re-voxelized")
+        checked.append(f"{report['spot_checked']} {report.get('spot_unit', 'origins')} re-voxelized")
     verdict = "OK" if report["ok"] else f"{len(report['problems'])} problem(s)"
     lines.append(f"{report['cache']}: {verdict}" + (f" ({', '.join(checked)})" if checked else ""))
     return "\n".join(lines)

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subset": ("cache_tools.commands.subset", "store a named subset of structures selected by metadata (--where EXPR)"),
     "origins": ("cache_tools.commands.origins", "store named sets of view centres in a lattice cache: from a CSV, "
                 "or by the neighbour-count rule on the stored voxels"),
-    "show": ("cache_tools.commands.show", "draw origins as max-intensity projections per channel: a contact sheet to check by eye"),
+    "show": ("cache_tools.commands.show", "draw origins (on a lattice cache: views of any size, origin sets, neighbor pairs) as max-intensity projections per channel: a contact sheet to check by eye"),
     "profile-memory": ("cache_tools.commands.profile_memory", "sample private/shared, anon/file memory of a process tree"),
 }
 

@@ -102,6 +102,26 @@ class Cache:
 
 # --- metadata -------------------------------------------------------------------------
 
+def check_lattice_tables(c: Cache, load, m: int, copies: int) -> None:
+    """A lattice cache's tables present and of consistent shapes: ``copies`` lattices per structure
+    (``--rotations K``, with their rotations), block ids tiling the blocks array."""
+    lattices = m * copies
+    load(fmt.LATTICE_GRID, (lattices, 6))
+    map_start = load(fmt.LATTICE_MAP_START, (lattices + 1,))
+    block_start = load(fmt.LATTICE_BLOCK_START, (lattices + 1,))
+    if map_start is not None:
+        load(fmt.LATTICE_MAP, (int(map_start[-1]),))
+    if block_start is not None and (block_start[0] != 0 or block_start[-1] != c.layout.n_items
+                                    or np.any(np.diff(block_start) < 0)):
+        c.problems.append(Problem("metadata", f"lattice block ranges do not tile the {c.layout.n_items} blocks",
+                                  file=fmt.LATTICE_BLOCK_START))
+    load(fmt.BLOCK_CRC32, (c.layout.n_items,))
+    load(fmt.BLOCK_FILL, (c.layout.n_items,))
+    if copies > 1:
+        load(fmt.LATTICE_ROTATION, (m, copies, 3, 3))
+        load(fmt.LATTICE_ROTATION_CENTER, (m, 3))
+
+
 def check_metadata(c: Cache) -> None:
     n, params = c.n_origins, c.attrs.params
     rotations = params.rotations
@@ -171,7 +191,9 @@ def check_metadata(c: Cache) -> None:
     c.atom_count = load(fmt.STRUCTURE_ATOM_COUNT, (m,))
     load(fmt.CENTER, (n, 3))
     c.crc32 = None if c.lattice else load(fmt.CRC32, (n,))  # a lattice checks its blocks' crc32 instead
-    if rotations > 1:
+    if c.lattice:  # K copies of each structure's lattice, not K images per origin
+        check_lattice_tables(c, load, m, rotations)
+    elif rotations > 1:
         load(fmt.ROTATION, (n, rotations, 3, 3))
     structure_index = load(fmt.STRUCTURE_INDEX, (n,))
     if structure_index is not None and c.ranges is not None:

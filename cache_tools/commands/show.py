@@ -5,45 +5,42 @@ surprising rotation is obvious in a picture and invisible in a log. Each origin 
 drawn as maximum-intensity projections of every channel along x, y and z, from the
 very arrays ``VoxelCacheDataset`` returns (:func:`origin_projections`), so the
 picture cannot disagree with training. Several origins make a contact sheet with one
-colour scale per channel; flagged images (empty, saturated, odd sum) are marked in
-the picture and counted in a one-line summary, so ``show`` doubles as a quick audit
+colour scale per channel; flagged images (empty, saturated, odd sum, damaged) are marked
+in the picture and counted in a one-line summary, so ``show`` doubles as a quick audit
 of a split.
 
-Reads through the Dataset's public API only (``ds[i]``, ``origin_id``,
-``structure_id``, ``origins_of_structure``) plus the cache attributes; draws with
-matplotlib's Agg canvas (no pyplot, no display).
+On a lattice cache the rows are the views a Dataset cuts: of any size (``grid_voxels``),
+at the build's origins or an origin set's (``origins``), or the home and neighbor views of
+``NeighborPairs`` (``pairs``), each pair's label (the face its neighbor lies on) in its rows.
+
+Reads through the Datasets' public API (``ds[i]``, ``index_of``, ``structure_id``,
+``local_structure``, ``origins_of_structure``) plus the cache attributes; draws with
+:mod:`.contact_sheet`.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.commands.contact_sheet import MAX_ROWS, Sheet, Shown, contact_sheet, project, render
+from cache_tools.commands.options import positive_int
 from cache_tools.read.rotations import N_CUBE_ROTATIONS, rotate_view
 
-AXES = ("x", "y", "z")
+__all__ = ["MAX_ROWS", "Sheet", "Shown", "collect", "contact_sheet", "origin_projections", "project", "render"]
+
 SUM_FACTOR = 3.0        # default: flag an image whose sum is > 3x or < 1/3 of its structure's median
 MEDIAN_SAMPLE = 256     # a structure's median sum is taken over at most this many of its origins
 SATURATED_STORED = 255  # uint8 value of a clipped voxel
 
 
 # --- what is drawn ---------------------------------------------------------------------
-
-def project(image: np.ndarray) -> np.ndarray:
-    """Maximum-intensity projections of ``image`` [..., X, Y, Z] along x, y and z.
-
-    Returns [..., 3, L, L]: ``out[..., a, :, :] == image.max(axis=a - 3)``, i.e. a = 0 is
-    the (y, z) plane seen along x, a = 1 the (x, z) plane, a = 2 the (x, y) plane.
-    """
-    image = np.asarray(image)
-    return np.stack([image.max(axis=axis) for axis in (-3, -2, -1)], axis=-3)
-
 
 def origin_projections(ds, origin_id: int, cube_rotation: int = 0) -> tuple[np.ndarray, dict]:
     """Projections [C, 3, L, L] of origin ``origin_id`` under cube rotation ``cube_rotation``.
@@ -58,81 +55,96 @@ def origin_projections(ds, origin_id: int, cube_rotation: int = 0) -> tuple[np.n
     return project(rotate_view(image, int(cube_rotation))), sample
 
 
-@dataclass
-class Shown:
-    """One row of the sheet: an origin under one cube rotation, with its labels and flags."""
-
-    origin_id: int
-    structure_id: str
-    center_A: tuple[float, float, float]
-    stored_rotation: int
-    cube_rotation: int
-    projections: np.ndarray           # [C, 3, L, L] float32
-    image_sum: float
-    structure_median: float
-    saturated: np.ndarray             # [C] voxels stored as 255 (uint8 caches), else zeros
-    flags: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return self.image_sum == 0.0
+def _read(ds, index: int) -> dict | str:
+    """``ds[index]``, or why it cannot be read (a damaged origin: its checksum, its shard file)."""
+    try:
+        return ds[int(index)]
+    except fmt.CacheError as exc:
+        return str(exc).removeprefix(f"{ds.root}: ")
 
 
-@dataclass
-class Sheet:
-    """Everything the picture shows, so it can be tested without looking at pixels."""
-
-    cache: str
-    dtype: str
-    channels: list[list[str]]
-    rows: list[Shown]
-
-    def summary(self, out: str | os.PathLike) -> str:
-        """One line: what was drawn and which origins are flagged."""
-        def ids(pred) -> str:
-            hit = sorted({r.origin_id for r in self.rows if pred(r)})
-            listed = ", ".join(map(str, hit[:8])) + (" ..." if len(hit) > 8 else "")
-            return f"{len(hit)}" + (f" ({listed})" if hit else "")
-        origins = len({r.origin_id for r in self.rows})
-        flags = (f"empty {ids(lambda r: r.empty)}; "
-                 + (f"saturated {ids(lambda r: r.saturated.any())}; " if self.dtype == "uint8" else "")
-                 + f"sum far from structure median {ids(lambda r: any(f.startswith('sum') for f in r.flags))}")
-        return f"{out}: {origins} origins, {len(self.rows)} rows x {len(self.channels)} channels; flagged: {flags}"
-
-
-def _structure_medians(ds, structures: set[int]) -> dict[int, float]:
-    """Median image sum of each structure, over at most MEDIAN_SAMPLE evenly spaced origins."""
+def _structure_medians(ds, rows: set[int]) -> dict[int, float]:
+    """Median image sum of each structure (global ``rows``), over at most MEDIAN_SAMPLE evenly
+    spaced samples of ``ds`` (damaged ones left out: NaN when none can be read)."""
     medians = {}
-    for k in sorted(structures):
-        ids = np.asarray(ds.origins_of_structure(k))
+    for row in sorted(rows):
+        ids = np.asarray(ds.origins_of_structure(ds.local_structure(row)))
         if len(ids) > MEDIAN_SAMPLE:
             ids = ids[np.linspace(0, len(ids) - 1, MEDIAN_SAMPLE).round().astype(np.int64)]
-        sums = [float(ds[int(i)]["image"].numpy().sum()) for i in ids]  # numpy: torch's sum is ~100x slower here
-        medians[k] = float(np.median(sums))
+        samples = (_read(ds, i) for i in ids)
+        sums = [float(s["image"].numpy().sum()) for s in samples if isinstance(s, dict)]  # numpy: torch's sum is ~100x slower
+        medians[row] = float(np.median(sums)) if sums else float("nan")
     return medians
+
+
+def check_sum_factor(sum_factor: float) -> None:
+    """ValueError unless ``sum_factor`` is a finite number above 1 (nan would flag every image)."""
+    if not (isinstance(sum_factor, (int, float)) and math.isfinite(sum_factor) and sum_factor > 1):
+        raise ValueError(f"--sum-factor {sum_factor}: must be a finite number above 1")
+
+
+def _cubes(rotate: int | str | None, pairs: bool) -> list[int]:
+    if pairs and rotate is not None:
+        raise ValueError("--rotate: each pair is drawn under the cube rotation NeighborPairs chose for it "
+                         "(the one that puts its neighbor on the face its label names)")
+    if rotate is None:
+        return [0]
+    if rotate == "all":
+        return list(range(N_CUBE_ROTATIONS))
+    if isinstance(rotate, int) and 0 <= rotate < N_CUBE_ROTATIONS:
+        return [rotate]
+    raise ValueError(f"--rotate {rotate}: expected a cube rotation 0-{N_CUBE_ROTATIONS - 1} or 'all'")
+
+
+def _datasets(root: str, attrs: fmt.CacheAttrs, grid_voxels: int | None, origins: str | None, pairs: bool,
+              seed: int):
+    """(the Dataset the rows come from, the plain one the medians come from), checksums verified."""
+    from cache_tools.read.dataset import VoxelCacheDataset
+
+    lattice = attrs.params.lattice is not None
+    if not lattice and grid_voxels == attrs.params.image.grid_voxels:
+        grid_voxels = None  # the stored images' own size
+    if not lattice and (grid_voxels is not None or origins is not None or pairs):
+        flag = "--pairs" if pairs else "--origins" if origins is not None else "--grid-voxels"
+        raise ValueError(f"{root}: {flag} needs views cut at training time, and this cache stores one image per "
+                         "origin; build it with `pipeline build-cache --layout lattice`")
+    views = {"grid_voxels": grid_voxels, "origins": origins} if lattice else {}
+    plain = VoxelCacheDataset(root, verify=True, **views)  # no augmentation: the views as stored
+    if not pairs:
+        return plain, plain
+    from cache_tools.read.pairs import NeighborPairs
+
+    return NeighborPairs(root, verify=True, seed=seed, **views), plain
 
 
 def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str | None = None,
             random: int = 0, seed: int = 0, rotate: int | str | None = None,
-            sum_factor: float = SUM_FACTOR) -> Sheet:
+            sum_factor: float = SUM_FACTOR, page: int = 1, grid_voxels: int | None = None,
+            origins: str | None = None, pairs: bool = False) -> Sheet:
     """Read and flag what the sheet shows.
 
-    Origins are ``origin_ids`` (global ids), or ``random`` of them drawn with ``seed``
-    from ``split`` (or the whole cache). ``rotate`` is a cube rotation 0..23 applied to
-    every origin, ``"all"`` for one row per rotation, or None (0). Raises ValueError or
-    CacheError with a one-line message for ids, splits and rotations that do not exist.
+    Origins are ``origin_ids`` (global ids: of the cache, or of origin set ``origins``), or
+    ``random`` of them drawn with ``seed`` from ``split`` (or the whole cache). ``rotate`` is a
+    cube rotation 0..23 applied to every origin, ``"all"`` for one row per rotation, or None (0).
+    A lattice cache's views are ``grid_voxels`` wide (default: the build's grid); ``pairs``
+    draws each origin's ``NeighborPairs`` sample (seeded by ``seed``) as two rows, home and
+    neighbor. At most MAX_ROWS rows are read and drawn: page ``page`` (1, 2, ...) of them.
+    Every image read is checked against its crc32: a damaged one is a DAMAGED row (NaN
+    projections), the others are drawn. Raises ValueError or CacheError with a one-line message
+    for ids, splits, rotations, pages and options that do not exist or do not apply.
     """
-    from cache_tools.read.dataset import VoxelCacheDataset
-
+    check_sum_factor(sum_factor)
     root = str(cache)
     attrs = fmt.read_attrs(root)
-    ds = VoxelCacheDataset(root)  # whole cache, no augmentation: index = origin id
-    n = len(ds)
+    cubes = _cubes(rotate, pairs)
+    ds, plain = _datasets(root, attrs, grid_voxels, origins, pairs, seed)
+    n = plain.n_origins  # ids are global: of the cache, or of the origin set
     ids = [int(i) for i in origin_ids]
     if random:
         if random < 0:
             raise ValueError(f"--random {random}: must be a positive number of origins")
-        pool = VoxelCacheDataset(root, split=split) if split is not None else ds
+        pool = type(plain)(root, split=split, **({"origins": origins} if origins is not None else {})) \
+            if split is not None else plain
         if len(pool) == 0:
             raise ValueError(f"{root}: split {split!r} holds no origins")
         picks = np.random.default_rng(seed).choice(len(pool), size=min(random, len(pool)), replace=False)
@@ -143,145 +155,64 @@ def collect(cache: str | os.PathLike, origin_ids: Sequence[int] = (), split: str
         raise ValueError("no origins to show: give ORIGIN_ID... or --random N")
     bad = [i for i in ids if not 0 <= i < n]
     if bad:
-        raise ValueError(f"{root}: origin id {bad[0]} does not exist (the cache holds ids 0-{n - 1})")
-    if rotate is None:
-        cubes = [0]
-    elif rotate == "all":
-        cubes = list(range(N_CUBE_ROTATIONS))
-    elif isinstance(rotate, int) and 0 <= rotate < N_CUBE_ROTATIONS:
-        cubes = [rotate]
-    else:
-        raise ValueError(f"--rotate {rotate}: expected a cube rotation 0-{N_CUBE_ROTATIONS - 1} or 'all'")
+        where = "the cache holds ids" if origins is None else f"origin set {origins!r} holds ids"
+        raise ValueError(f"{root}: origin id {bad[0]} does not exist ({where} 0-{n - 1})")
 
-    samples = {i: ds[i] for i in dict.fromkeys(ids)}
-    medians = _structure_medians(ds, {int(s["structure_index"]) for s in samples.values()})
+    per_row = 2 if pairs else 1
+    wanted = [(i, cube) for i in ids for cube in cubes]
+    total_rows = len(wanted) * per_row
+    pages = -(-total_rows // MAX_ROWS)
+    if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
+        raise ValueError(f"--page {page}: the sheet has {pages} page(s) of at most {MAX_ROWS} rows "
+                         f"({total_rows} rows)")
+    wanted = wanted[(page - 1) * MAX_ROWS // per_row:page * MAX_ROWS // per_row]
+    samples = {i: _read(ds, ds.index_of(i)) for i in dict.fromkeys(i for i, _ in wanted)}
+    medians = _structure_medians(plain, {int(s["structure_index"]) for s in samples.values()
+                                         if isinstance(s, dict)})
     saturation = (np.float32(SATURATED_STORED - 0.5) * np.float32(attrs.scale)
                   if attrs.params.storage.dtype == "uint8" else None)
+    index = fmt.read_array(root, plain._index_array)
+    centers = fmt.read_array(root, plain._center_array)
+    n_channels, length = len(plain.channels), int(plain.view_voxels)
     rows = []
-    for i in ids:
-        for cube in cubes:
-            projections, sample = origin_projections(ds, i, cube)
-            image = sample["image"].numpy()
+    for i, cube in wanted:
+        sample = samples[i]
+        if not isinstance(sample, dict):  # damaged: say so, draw the others
+            k = int(index[i])
+            for role in (("home", "neighbor") if pairs else ("",)):
+                rows.append(Shown(origin_id=i, structure_id=plain.structure_id(plain.local_structure(k)),
+                                  center_A=tuple(float(c) for c in centers[i]), stored_rotation=0,
+                                  cube_rotation=cube,
+                                  projections=np.full((n_channels, 3, length, length), np.nan, np.float32),
+                                  image_sum=float("nan"), structure_median=medians.get(k, float("nan")),
+                                  saturated=np.zeros(n_channels, np.int64), flags=["DAMAGED"], damaged=sample,
+                                  role=role))
+            continue
+        k = int(sample["structure_index"])
+        views = [(sample["image"][v].numpy(), sample["center_A"][v], role)
+                 for v, role in enumerate(("home", "neighbor"))] if pairs else \
+            [(sample["image"].numpy(), sample["center_A"], "")]
+        for image, center, role in views:
             total = float(image.sum())
-            k = int(sample["structure_index"])
             saturated = ((image >= saturation).sum(axis=(1, 2, 3)) if saturation is not None
                          else np.zeros(len(image), dtype=np.int64))
             flags = []
             if total == 0.0:
                 flags.append("EMPTY")
-            elif medians[k] > 0 and not medians[k] / sum_factor <= total <= medians[k] * sum_factor:
+            elif medians[k] > 0 and not medians[k] / sum_factor <= total <= medians[k] * sum_factor:  # NaN: False
                 flags.append(f"sum {total / medians[k]:.2g}x median")
             if saturated.any():
                 flags.append(f"{int(saturated.sum())} saturated")
-            rows.append(Shown(origin_id=i, structure_id=ds.structure_id(k),
-                              center_A=tuple(float(c) for c in sample["center_A"]),
-                              stored_rotation=int(sample["rotation"]), cube_rotation=cube,
-                              projections=projections, image_sum=total,
-                              structure_median=medians[k], saturated=saturated, flags=flags))
-    return Sheet(cache=root, dtype=attrs.params.storage.dtype, channels=ds.channels, rows=rows)
-
-
-# --- drawing ---------------------------------------------------------------------------
-
-def _channel_title(c: int, elements: list[str]) -> str:
-    name = "|".join(elements)
-    return f"ch {c}: {'* (other)' if name == '*' else name}"
-
-
-def _strip(projections: np.ndarray) -> np.ndarray:
-    """The three [L, L] projections of one channel side by side, one NaN column apart, as
-    imshow rows (vertical, drawn upwards) x columns: along x: y->, z^; along y: x->, z^;
-    along z: x->, y^."""
-    length = projections.shape[-1]
-    gap = np.full((length, 1), np.nan, dtype=np.float32)
-    return np.concatenate([projections[0].T, gap, projections[1].T, gap, projections[2].T], axis=1)
-
-
-def contact_sheet(sheet: Sheet):
-    """A matplotlib Figure (Agg canvas): one panel per row x channel, plus a colour bar per channel.
-
-    Each panel holds the channel's projections along x, y, z; every panel of a channel
-    shares that channel's colour scale (0 to the sheet's maximum). Panels are labelled
-    ``panel:<row>:<channel>``; flagged rows get a red frame and their flags in the label.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    rows, n_channels = sheet.rows, len(sheet.channels)
-    length = rows[0].projections.shape[-1]
-    stack = np.stack([r.projections for r in rows])            # [rows, C, 3, L, L]
-    vmax = stack.max(axis=(0, 2, 3, 4))
-    vmax = np.where(vmax > 0, vmax, 1.0)
-    row_h, panel_w, label_w, top_h, bottom_h = 0.72, 2.2, 2.3, 0.85, 0.75
-    height = row_h * len(rows) + top_h + bottom_h
-    fig = Figure(figsize=(label_w + panel_w * n_channels, height), dpi=100)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(len(rows), n_channels, left=label_w / (label_w + panel_w * n_channels),
-                            right=0.985, top=1 - top_h / height, bottom=bottom_h / height,
-                            hspace=0.12, wspace=0.06)
-    bars = fig.add_gridspec(1, n_channels, left=label_w / (label_w + panel_w * n_channels), right=0.985,
-                            top=0.5 / height, bottom=0.38 / height, wspace=0.06)
-    cmap = "magma"
-    images = [None] * n_channels
-    for r, row in enumerate(rows):
-        for c in range(n_channels):
-            ax = fig.add_subplot(grid[r, c], label=f"panel:{r}:{c}")
-            images[c] = ax.imshow(_strip(row.projections[c]), origin="lower", cmap=cmap, vmin=0.0,
-                                  vmax=float(vmax[c]), interpolation="nearest", aspect="equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                for a, axis in enumerate(AXES):
-                    ax.text((a * (length + 1) + (length - 1) / 2) / (3 * length + 1), 1.03,
-                            f"along {axis}", transform=ax.transAxes, ha="center",
-                            va="bottom", fontsize=6.5, color="0.3")
-            ax.set_facecolor("white")
-            bad = row.flags and (row.empty or any(not f.endswith("saturated") for f in row.flags)
-                                 or row.saturated[c])
-            for spine in ax.spines.values():
-                spine.set_color("red" if bad else "0.6")
-                spine.set_linewidth(2.0 if bad else 0.5)
-            if row.saturated[c]:
-                ax.text(0.99, 0.96, f"{int(row.saturated[c])} sat", transform=ax.transAxes, ha="right",
-                        va="top", fontsize=6.5, color="red", fontweight="bold",
-                        bbox=dict(facecolor="white", alpha=0.75, pad=0.5, linewidth=0))
-            if r == 0:
-                ax.set_title(_channel_title(c, sheet.channels[c]), fontsize=9, pad=13)
-            if c == 0:
-                ax.set_ylabel(_row_label(row, sheet.dtype), rotation=0, ha="right", va="center",
-                              fontsize=7, labelpad=6, color="red" if row.flags else "black",
-                              linespacing=1.15)
-    for c in range(n_channels):
-        cax = fig.add_subplot(bars[0, c], label=f"colorbar:{c}")
-        bar = fig.colorbar(images[c], cax=cax, orientation="horizontal")
-        bar.ax.tick_params(labelsize=7, length=2)
-        bar.ax.xaxis.set_major_locator(MaxNLocator(3))
-        bar.set_label(f"ch {c} voxel value", fontsize=7, labelpad=1)
-    flagged = sum(bool(r.flags) for r in rows)
-    fig.suptitle(f"{Path(sheet.cache).name}: {len({r.origin_id for r in rows})} origins, {sheet.dtype}, "
-                 f"maximum-intensity projections; one colour scale per channel; "
-                 + (f"{flagged} flagged rows (red)" if flagged else "nothing flagged"),
-                 fontsize=9.5, y=1 - 0.12 / height, va="top")
-    fig.text(0.5, 1 - 0.36 / height, "each panel, left to right: along x (y→, z↑) | along y (x→, z↑) | "
-             "along z (x→, y↑)", ha="center", va="top", fontsize=7.5, color="0.3")
-    return fig
-
-
-def _row_label(row: Shown, dtype: str) -> str:
-    x, y, z = row.center_A
-    lines = [f"origin {row.origin_id} · {row.structure_id}",
-             f"({x:.1f}, {y:.1f}, {z:.1f}) Å",
-             f"stored rot {row.stored_rotation} · cube {row.cube_rotation} · {dtype}"]
-    if row.flags:
-        lines.append(" · ".join(row.flags))
-    return "\n".join(lines)
-
-
-def render(sheet: Sheet, out: str | os.PathLike) -> None:
-    """Draw ``sheet`` and write it to ``out`` (format from the suffix, e.g. .png)."""
-    fig = contact_sheet(sheet)
-    fig.savefig(out)
+            rows.append(Shown(origin_id=i, structure_id=plain.structure_id(plain.local_structure(k)),
+                              center_A=tuple(float(c) for c in center), stored_rotation=int(sample["rotation"]),
+                              cube_rotation=int(sample["cube_rotation"]) if pairs else cube,
+                              projections=project(image if pairs else rotate_view(image, int(cube))),
+                              image_sum=total, structure_median=medians[k], saturated=saturated, flags=flags,
+                              role=role, label=int(sample["label"]) if pairs else None,
+                              home_origin=int(sample["origin_id"]) if pairs else None))
+    return Sheet(cache=root, dtype=attrs.params.storage.dtype, channels=plain.channels, rows=rows, page=page,
+                 pages=pages, total_rows=total_rows, lattice=attrs.params.lattice is not None,
+                 view_voxels=length, origin_set=origins, pairs=pairs)
 
 
 # --- command line ----------------------------------------------------------------------
@@ -299,11 +230,14 @@ def _rotation(text: str) -> int | str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("One row per origin (per cube rotation with --rotate all), one panel per channel: its "
+    p.epilog = ("One row per origin (per cube rotation with --rotate all; on a lattice cache, per view, two "
+                "per pair with --pairs), one panel per channel: its "
                 "maximum-intensity projections along x, y and z, one colour scale per channel. Flagged "
                 "in red and in the one-line summary on stdout: empty images, voxels saturated at the "
-                "uint8 maximum, image sums far from their structure's median. Exit codes: 0 written; "
-                "2 bad ids, split, option or --out, or a cache that cannot be read.")
+                "uint8 maximum, image sums far from their structure's median, and DAMAGED images (checksum "
+                f"verified; the others are drawn). At most {MAX_ROWS} rows per picture (--page). Exit codes: "
+                "0 written; 1 written, with damaged images flagged; 2 bad ids, split, option or --out, or a "
+                "cache that cannot be read.")
     p.add_argument("cache", metavar="CACHE", help="path of the zarr store")
     p.add_argument("origin_ids", metavar="ORIGIN_ID", type=int, nargs="*", help="origin ids to show")
     p.add_argument("--out", required=True, metavar="FILE.png", help="picture to write (PNG; .svg/.pdf work too)")
@@ -315,33 +249,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or one row per rotation with 'all'")
     p.add_argument("--sum-factor", type=float, default=SUM_FACTOR, metavar="F",
                    help="flag images whose sum is above F times or below 1/F of their structure's "
-                        "median (default: %(default)s)")
+                        "median; a finite number above 1 (default: %(default)s)")
+    p.add_argument("--page", type=positive_int, default=1, metavar="P",
+                   help=f"a picture holds at most {MAX_ROWS} rows; draw page P of them (default: %(default)s)")
+    g = p.add_argument_group("lattice caches (--layout lattice): the views cut at training time")
+    g.add_argument("--grid-voxels", type=positive_int, default=None, metavar="N",
+                   help="views of N voxels per side, as VoxelCacheDataset(grid_voxels=N) cuts them (default: "
+                        "the build's grid)")
+    g.add_argument("--origins", metavar="NAME", default=None,
+                   help="views at the centres of origin set NAME (`cache-tools origins`); ORIGIN_IDs are its ids")
+    g.add_argument("--pairs", action="store_true",
+                   help="draw each origin's NeighborPairs sample (seeded by --seed): its home and neighbor "
+                        "views as two rows, the label (the face the neighbor lies on) in the label and summary")
 
 
-def _check_writable(out: str) -> None:
+def picture_path(out: str) -> Path:
+    """The file the picture goes to: ``out``, with ``.png`` added when it has no suffix (as
+    matplotlib does), so the summary names the file that exists. ValueError for an empty name."""
+    if not out.strip():
+        raise ValueError(f"--out {out!r}: give the name of the picture to write (e.g. sheet.png)")
     path = Path(out)
+    return path.with_name(path.name + ".png") if not path.suffix and not path.is_dir() else path
+
+
+def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise ValueError(f"{out}: cannot write the picture (is a directory)")
+        raise ValueError(f"{path}: cannot write the picture (is a directory)")
     if not parent.is_dir():
-        raise ValueError(f"{out}: cannot write the picture (directory {parent} does not exist)")
+        raise ValueError(f"{path}: cannot write the picture (directory {parent} does not exist)")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{out}: cannot write the picture (permission denied)")
+        raise ValueError(f"{path}: cannot write the picture (permission denied)")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out
     try:
-        if args.sum_factor <= 1:
-            raise ValueError(f"--sum-factor {args.sum_factor}: must be above 1")
-        _check_writable(args.out)
+        check_sum_factor(args.sum_factor)
+        out = picture_path(args.out)
+        _check_writable(out)
         sheet = collect(args.cache, args.origin_ids, split=args.split, random=args.random, seed=args.seed,
-                        rotate=args.rotate, sum_factor=args.sum_factor)
-        render(sheet, args.out)
+                        rotate=args.rotate, sum_factor=args.sum_factor, page=args.page,
+                        grid_voxels=args.grid_voxels, origins=args.origins, pairs=args.pairs)
+        render(sheet, out)
     except (fmt.CacheError, ValueError) as exc:
         print(f"cache-tools show: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"cache-tools show: {args.out}: cannot write the picture ({exc.strerror or exc})", file=sys.stderr)
+        print(f"cache-tools show: {out}: cannot write the picture ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    print(sheet.summary(args.out))
-    return 0
+    print(sheet.summary(out))
+    return 1 if any(r.damaged for r in sheet.rows) else 0
