@@ -105,3 +105,15 @@ def test_a_shard_of_a_smaller_grid_copied_over_is_named_not_read(zstd_uint8, tmp
     message = (f"origin 0: compressed bytes in .*{rel} decode to {other.origin_nbytes} bytes, "
                f"not the {layout.origin_nbytes} of an image")
     _every_path_raises(root, 0, message)
+
+
+def test_verify_without_the_checksum_array_raises_the_same_error_every_read(cache_factory, tmp_path):
+    root = Path(shutil.copytree(cache_factory(), tmp_path / "c.zarr"))
+    shutil.rmtree(root / fmt.CRC32)
+    ds = VoxelCacheDataset(root, verify=True)
+    messages = []
+    for read in (lambda: ds[0], lambda: ds[0], lambda: ds[[1, 2]], lambda: ds[3]):
+        with pytest.raises(fmt.CacheError) as caught:  # the second read raised TypeError before
+            read()
+        messages.append(str(caught.value))
+    assert len(set(messages)) == 1 and fmt.CRC32 in messages[0], messages

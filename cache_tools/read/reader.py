@@ -130,9 +130,11 @@ class ShardReader:
     def _local(self) -> _Local:
         state = self._state
         if state is None or state.pid != os.getpid():
+            # the checksums first: a missing crc32 array raises here on every read, never
+            # after a half-made state that later reads would take for a whole one
+            crc = fmt.read_array(self.layout.root, fmt.CRC32) if self.verify else None
             state = self._state = _Local(os.getpid(), self.max_maps or default_max_maps(), self.layout.n_shards)
-            if self.verify:
-                state.crc = fmt.read_array(self.layout.root, fmt.CRC32)
+            state.crc = crc
         return state
 
     def warm(self, out_dtype: np.dtype) -> None:
