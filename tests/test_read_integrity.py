@@ -117,3 +117,30 @@ def test_verify_without_the_checksum_array_raises_the_same_error_every_read(cach
             read()
         messages.append(str(caught.value))
     assert len(set(messages)) == 1 and fmt.CRC32 in messages[0], messages
+
+
+@pytest.mark.parametrize("cut", ["index", "frames"])
+def test_a_cut_compressed_shard_is_named_truncated(zstd_uint8, tmp_path, cut):
+    root = tile_cache(zstd_uint8, tmp_path / "c.zarr", copies=1, per_shard=8)  # 8 frames a shard
+    layout = fmt.VoxelLayout(root)
+    shard = 1
+    path = layout.shard_path(shard)
+    data = path.read_bytes()
+    first, n = shard * layout.origins_per_shard, layout.origins_in_shard(shard)
+    index = np.frombuffer(data[-layout.index_nbytes:], "<u8").reshape(-1, 2)
+    if cut == "index":  # part of the index gone: its tail read as an index points anywhere
+        size = len(data) - 40
+        detail = f"truncated shard: {size} bytes, expected {len(data)}"
+    else:  # half the file gone: frame bytes where the index should be
+        size = len(data) // 2
+        inside = int(np.searchsorted(index[:n, 0] + index[:n, 1], size, side="right"))
+        detail = f"truncated shard: {size} bytes, cut inside the frame of origin {first + inside}; expected at least"
+    path.write_bytes(data[:size])
+    rel = str(path.relative_to(root))
+    problems = check_cache(root, progress=False)["problems"]
+    assert {(p["kind"], p["file"]) for p in problems} == {("truncated-shard", rel)}
+    assert all(p["detail"].startswith(detail) for p in problems), problems
+    last = first + n - 1
+    for read in (lambda: VoxelCacheDataset(root)[last], lambda: VoxelCacheDataset(root)[[0, last]]):
+        with pytest.raises(fmt.CacheError, match=f"origin {last}: shard file .*{rel}: {detail}"):
+            read()

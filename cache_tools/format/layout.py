@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, inner_codecs
+from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, inner_codecs, zstd_frames_end
 from cache_tools.format.names import DEFAULT_COMPRESSION_LEVEL, VOXELS, CacheError
 from cache_tools.format.store import array_meta, numpy_dtype
 
@@ -143,9 +143,26 @@ class VoxelLayout:
         for j in range(n):
             problem = entry_problem(int(index[j, 0]), int(index[j, 1]), data_end)
             if problem:
-                return "shard-index", f"shard index entry of origin {shard * self.origins_per_shard + j} {problem}"
+                return self.truncation(shard, size) or \
+                    ("shard-index", f"shard index entry of origin {shard * self.origins_per_shard + j} {problem}")
         if np.any(index[n:] != EMPTY_INDEX_ENTRY):
-            return "shard-index", "shard index has entries past the shard's last origin; damaged"
+            return self.truncation(shard, size) or \
+                ("shard-index", "shard index has entries past the shard's last origin; damaged")
+        return None
+
+    def truncation(self, shard: int, size: int) -> tuple[str, str] | None:
+        """("truncated-shard", why) when a compressed shard file whose index does not hold is cut
+        short: its frames, walked from byte 0, and its index need more than ``size`` bytes (a cut
+        file reads frame bytes where its index should be, so the index alone cannot tell).
+        None when the frames and a whole index fit: then the index itself is damaged."""
+        n, first = self.origins_in_shard(shard), shard * self.origins_per_shard
+        with open(self.shard_file(shard), "rb") as fh:
+            frames, end = zstd_frames_end(lambda offset, count: os.pread(fh.fileno(), count, offset), size, n)
+        if frames == n and size < end + self.index_nbytes:
+            return "truncated-shard", f"truncated shard: {size} bytes, expected {end + self.index_nbytes}"
+        if frames < n and end > size:
+            return "truncated-shard", (f"truncated shard: {size} bytes, cut inside the frame of origin "
+                                       f"{first + frames}; expected at least {end + self.index_nbytes}")
         return None
 
 

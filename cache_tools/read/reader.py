@@ -359,6 +359,10 @@ class ShardReader:
         from cache_tools.read.native import zstd_error
 
         file = self.layout.shard_file(origin // self.layout.origins_per_shard)
+        # a cut file reads frame bytes as its index: anything may follow; name the cause (error path only)
+        problem = self.layout.shard_problem(origin // self.layout.origins_per_shard)
+        if problem is not None and problem[0] == "truncated-shard":
+            raise fmt.CacheError(f"{self._where(origin)}: {problem[1]} (damaged cache; run cache-tools check)")
         if status == kernel.UNDECODABLE:
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {file} do not decode "
                                  f"({zstd_error(detail)}; damaged cache, run cache-tools check)")
