@@ -203,6 +203,9 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
     problems = [Problem.from_dict(p) for p in report["problems"]]
     if any(p.kind == "incomplete" for p in problems):
         raise RepairError("the build is incomplete; rerun the same `pipeline build-cache` command")
+    if any(p.kind == "attributes" for p in problems):  # shards rewritten with edited parameters would be wrong
+        raise RepairError("its build parameters in zarr.json changed since the build (params checksum mismatch), "
+                          "which --repair does not guess back; restore zarr.json or rebuild")
     if any(p.kind == "metadata" for p in problems):
         raise RepairError("its metadata is damaged, which --repair does not rewrite; delete it and rerun "
                           "the `pipeline build-cache` command that built it")

@@ -103,6 +103,9 @@ class Cache:
 def check_metadata(c: Cache) -> None:
     n, params = c.n_origins, c.attrs.params
     rotations = params.rotations
+    edited = fmt.params_problem(c.attrs)  # a hand-edited scale, dtype, grid, ... (recorded by the build)
+    if edited is not None:
+        c.problems.append(Problem("attributes", edited, file="zarr.json"))
 
     def load(name: str, shape: tuple | None = None, quiet: bool = False) -> np.ndarray | None:
         try:

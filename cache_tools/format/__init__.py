@@ -62,7 +62,8 @@ from __future__ import annotations
 
 from cache_tools.format.attrs import (CacheAttrs, CacheParams, Compression, ImageParams, InputNote,
                                       OriginSetRecord, OriginsParams, StorageParams, SubsetRecord, VoxelizerParams,
-                                      read_attrs, require_complete, update_attrs, write_attrs)
+                                      params_checksum, params_problem, read_attrs, require_complete,
+                                      require_params_intact, update_attrs, write_attrs)
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, encoder, inner_codecs
 from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout's names)
 from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, origin_set_array, origin_set_dir,

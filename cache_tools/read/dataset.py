@@ -122,6 +122,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
+        fmt.require_params_intact(self.root, attrs)  # a hand-edited scale would rescale every image
         self.lattice = attrs.params.lattice is not None
         build_voxels = attrs.params.image.grid_voxels
         if self.lattice:  # views cut at training time
