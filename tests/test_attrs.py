@@ -12,6 +12,7 @@ from cache_tools import format as fmt
 from cache_tools.commands.cli import main as cache_tools
 from cache_tools.commands.split import assign_splits
 from cache_tools.commands.subset import create_subset
+from pipeline.cli import main as pipeline_main
 
 
 def raw_attrs(root: Path) -> dict:
@@ -72,6 +73,9 @@ def test_an_edited_scale_is_named_by_check_and_refused_by_the_dataset(cache_fact
     with pytest.raises(fmt.CacheError, match=r"c\.zarr: cache attributes changed since the build: .*"
                                              r"\(params checksum mismatch\)"):
         VoxelCacheDataset(root)
+    capsys.readouterr()
+    assert pipeline_main(["check", str(root), "--repair", "--quiet"]) == 1  # no shard rebuilt from edited params
+    assert "cannot repair" in capsys.readouterr().err
     assign_splits(root, val=0.4, seed=1)  # rewriting the attributes keeps the build's record: still refused
     with pytest.raises(fmt.CacheError, match=r"params checksum mismatch"):
         VoxelCacheDataset(root, split="val")
