@@ -85,6 +85,19 @@ def test_an_edited_scale_is_named_by_check_and_refused_by_the_dataset(cache_fact
     assert float(VoxelCacheDataset(root, split="val")[0]["image"].sum()) > 0
 
 
+def test_an_edited_voxels_dtype_is_refused_not_reinterpreted(cache_factory, tmp_path, capsys):
+    """The reader reads by voxels/zarr.json, the images mean what the attributes say: cross-checked."""
+    root = shutil.copytree(cache_factory("uint8", compression="zstd"), tmp_path / "c.zarr")
+    meta = json.loads((root / fmt.VOXELS / "zarr.json").read_text())
+    meta["data_type"] = "int8"  # values above 127 would read negative
+    (root / fmt.VOXELS / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(fmt.CacheError, match=r"c\.zarr: voxels are int8 \[4, 11, 11, 11\], attributes say uint8 "
+                                             r"\[4, 11, 11, 11\] \(damaged cache; run cache-tools check\)"):
+        VoxelCacheDataset(root)
+    assert cache_tools(["check", str(root), "--quiet"]) == 1
+    assert "metadata: in voxels: voxels are int8 [4, 11, 11, 11], attributes say uint8" in capsys.readouterr().out
+
+
 def test_keys_this_version_does_not_know_survive_a_rewrite(cache_factory, tmp_path):
     root = shutil.copytree(cache_factory(), tmp_path / "new.zarr")
     doc = raw_attrs(root)

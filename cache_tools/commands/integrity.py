@@ -188,18 +188,9 @@ def check_metadata(c: Cache) -> None:
             c.problems.append(Problem("metadata", f"split codes beyond the {len(names)} split names "
                                       f"{names}", file=fmt.STRUCTURE_SPLIT))
     # dtype and shape as the attributes say
-    if c.lattice:
-        edge = params.lattice.block_edge
-        if tuple(c.layout.item_shape) != (edge,) * 3 + (len(params.channels),) or \
-                c.layout.dtype.name != params.storage.dtype:
-            c.problems.append(Problem("metadata", f"blocks are {c.layout.dtype.name} {list(c.layout.item_shape)}, "
-                                      f"attributes say {params.storage.dtype} {[edge] * 3 + [len(params.channels)]}",
-                                      file=fmt.BLOCKS))
-        return
-    shape = ((rotations,) if rotations > 1 else ()) + (len(params.channels),) + (params.image.grid_voxels,) * 3
-    if tuple(c.layout.image_shape) != shape or c.layout.dtype.name != params.storage.dtype:
-        c.problems.append(Problem("metadata", f"voxels are {c.layout.dtype.name} {list(c.layout.image_shape)}, "
-                                  f"attributes say {params.storage.dtype} {list(shape)}", file=fmt.VOXELS))
+    mismatch = fmt.stored_problem(c.layout, params)
+    if mismatch is not None:
+        c.problems.append(Problem("metadata", mismatch, file=c.layout.array))
 
 
 

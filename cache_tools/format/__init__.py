@@ -69,7 +69,8 @@ from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout
 from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, origin_set_array, origin_set_dir,
                                        snap_to_lattice, view_center, view_corner)
 from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, VoxelLayout, entry_problem,
-                                       shard_file, sharded_array_metadata, voxels_array_metadata, voxels_nbytes)
+                                       shard_file, sharded_array_metadata, stored_problem, voxels_array_metadata,
+                                       voxels_nbytes)
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)
 from cache_tools.format.names import (CacheError, check_assembly, check_name, date_to_days, days_to_date,
                                       entry_id_from_name, subset_array)

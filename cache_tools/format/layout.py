@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_tools.format.attrs import CacheParams
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, inner_codecs, zstd_frames_end
 from cache_tools.format.names import DEFAULT_COMPRESSION_LEVEL, VOXELS, CacheError
 from cache_tools.format.store import array_meta, numpy_dtype
@@ -164,6 +165,21 @@ class VoxelLayout:
             return "truncated-shard", (f"truncated shard: {size} bytes, cut inside the frame of origin "
                                        f"{first + frames}; expected at least {end + self.index_nbytes}")
         return None
+
+
+def stored_problem(layout: VoxelLayout, params: CacheParams) -> str | None:
+    """Why the array's own metadata (dtype, item shape) are not what the build parameters say,
+    or None: the reader reads by the array's metadata, the images mean what the parameters say
+    (a hand-edited ``data_type`` in voxels/zarr.json would reinterpret every byte)."""
+    if params.lattice is not None:  # a block: (E, E, E, C)
+        shape = (params.lattice.block_edge,) * 3 + (len(params.channels),)
+    else:  # an origin's image: ((R,) C, L, L, L)
+        shape = ((params.rotations,) if params.rotations > 1 else ()) + (len(params.channels),) + \
+            (params.image.grid_voxels,) * 3
+    if tuple(layout.item_shape) == shape and layout.dtype.name == params.storage.dtype:
+        return None
+    return (f"{layout.array} are {layout.dtype.name} {list(layout.item_shape)}, "
+            f"attributes say {params.storage.dtype} {list(shape)}")
 
 
 def entry_problem(offset: int, nbytes: int, data_end: int) -> str | None:
