@@ -289,8 +289,8 @@ def _build(root: Path, sources: list[Path], ids: list[str], listed, fingerprint:
     if listed is not None and listed.has_split:  # stored as `cache-tools split` stores them
         splits = {"splits": split_names(listed), "split_params": {"origins_file": str(params.origins_file)}}
     attrs = fmt.update_attrs(
-        root, complete=True, failures=tuple(table.failures), duplicates=tuple(table.duplicates),
-        empty=tuple(table.empty), asym_fallbacks=tuple(table.asym_fallbacks),
+        root, complete=True, params_crc32=fmt.params_checksum(fingerprint), failures=tuple(table.failures),
+        duplicates=tuple(table.duplicates), empty=tuple(table.empty), asym_fallbacks=tuple(table.asym_fallbacks),
         metadata_crc32=fmt.metadata_checksums(root), **splits,
         build={**attrs.build,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -199,6 +199,9 @@ def repair(root: str | os.PathLike, report: dict, sources: list[str] | None = No
     incomplete = [p for p in problems if p.kind == "incomplete"]
     if incomplete:  # what to do depends on why (check says): finish the build, or fix its inputs
         raise RepairError(incomplete[0].detail)
+    if any(p.kind == "attributes" for p in problems):  # shards rewritten with edited parameters would be wrong
+        raise RepairError("its build parameters in zarr.json changed since the build (params checksum mismatch), "
+                          "which --repair does not guess back; restore zarr.json or rebuild")
     if any(p.kind == "metadata" for p in problems):
         raise RepairError("its metadata is damaged, which --repair does not rewrite; delete it and rerun "
                           "the `pipeline build-cache` command that built it")

@@ -12,6 +12,7 @@ from cache_tools import format as fmt
 from cache_tools.commands.cli import main as cache_tools
 from cache_tools.commands.split import assign_splits
 from cache_tools.commands.subset import create_subset
+from pipeline.cli import main as pipeline_main
 
 
 def raw_attrs(root: Path) -> dict:
@@ -36,12 +37,14 @@ def test_every_cache_round_trips_exactly(cache_factory, tmp_path, kind):
     assert (attrs.params.compression is not None) == (kind[2] == "zstd")
     assert attrs.splits == ("train", "val", "test") and set(attrs.subsets) == {"hires"}
     assert attrs.scale == (2.0 / 255 if kind[0] == "uint8" else 1.0)
+    # the build's checksum of its parameters, still valid after split and subset rewrote the attributes
+    assert attrs.params_crc32 == fmt.params_checksum(doc["params"]) and fmt.params_problem(attrs) is None
 
 
-def test_a_cache_from_before_centers_compression_and_checksums_opens(cache_factory, tmp_path):
+def test_a_cache_from_before_centers_compression_and_checksums_opens(cache_factory, tmp_path, capsys):
     root = shutil.copytree(cache_factory(), tmp_path / "old.zarr")
     doc = raw_attrs(root)
-    for key in ("metadata_crc32", "duplicates", "empty", "pipeline_version"):
+    for key in ("metadata_crc32", "duplicates", "empty", "pipeline_version", "params_crc32"):
         doc.pop(key)
     doc["params"].pop("centers")  # voxelized one by one, before the lattice build
     set_raw_attrs(root, doc)
@@ -51,6 +54,48 @@ def test_a_cache_from_before_centers_compression_and_checksums_opens(cache_facto
     ds = VoxelCacheDataset(root)
     assert float(ds[0]["image"].sum()) > 0
     assert cache_tools(["info", str(root)]) == 0 and cache_tools(["check", str(root), "--quiet"]) == 0
+    assert "note: the build recorded no checksum of its parameters" in capsys.readouterr().out
+
+
+def test_an_edited_scale_is_named_by_check_and_refused_by_the_dataset(cache_factory, tmp_path, capsys):
+    """Doubling `scale` in zarr.json doubled every image, and check said OK (issue 24)."""
+    root = shutil.copytree(cache_factory("uint8", compression="zstd"), tmp_path / "c.zarr")
+    assert cache_tools(["check", str(root), "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    doc = raw_attrs(root)
+    doc["params"]["storage"]["scale"] *= 2
+    set_raw_attrs(root, doc)
+    assert cache_tools(["check", str(root), "--quiet"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("attributes: in zarr.json: cache attributes changed since the build: ") and \
+        "(params checksum mismatch)" in lines[0]
+    assert len(lines) == 2 and ": 1 problem(s) (" in lines[1]
+    with pytest.raises(fmt.CacheError, match=r"c\.zarr: cache attributes changed since the build: .*"
+                                             r"\(params checksum mismatch\)"):
+        VoxelCacheDataset(root)
+    capsys.readouterr()
+    assert pipeline_main(["check", str(root), "--repair", "--quiet"]) == 1  # no shard rebuilt from edited params
+    assert "cannot repair" in capsys.readouterr().err
+    assign_splits(root, val=0.4, seed=1)  # rewriting the attributes keeps the build's record: still refused
+    with pytest.raises(fmt.CacheError, match=r"params checksum mismatch"):
+        VoxelCacheDataset(root, split="val")
+    doc = raw_attrs(root)
+    doc["params"]["storage"]["scale"] /= 2  # put back: reads again
+    set_raw_attrs(root, doc)
+    assert float(VoxelCacheDataset(root, split="val")[0]["image"].sum()) > 0
+
+
+def test_an_edited_voxels_dtype_is_refused_not_reinterpreted(cache_factory, tmp_path, capsys):
+    """The reader reads by voxels/zarr.json, the images mean what the attributes say: cross-checked."""
+    root = shutil.copytree(cache_factory("uint8", compression="zstd"), tmp_path / "c.zarr")
+    meta = json.loads((root / fmt.VOXELS / "zarr.json").read_text())
+    meta["data_type"] = "int8"  # values above 127 would read negative
+    (root / fmt.VOXELS / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(fmt.CacheError, match=r"c\.zarr: voxels are int8 \[4, 11, 11, 11\], attributes say uint8 "
+                                             r"\[4, 11, 11, 11\] \(damaged cache; run cache-tools check\)"):
+        VoxelCacheDataset(root)
+    assert cache_tools(["check", str(root), "--quiet"]) == 1
+    assert "metadata: in voxels: voxels are int8 [4, 11, 11, 11], attributes say uint8" in capsys.readouterr().out
 
 
 def test_keys_this_version_does_not_know_survive_a_rewrite(cache_factory, tmp_path):

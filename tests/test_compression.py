@@ -117,11 +117,12 @@ def test_truncated_compressed_shard_and_foreign_codec(zstd_uint8, tmp_path):
     layout = fmt.VoxelLayout(root)
     last = layout.n_origins - 1
     path = layout.shard_path(last // layout.origins_per_shard)
-    path.write_bytes(path.read_bytes()[:-40])  # the index now reads garbage: its entries point past the data
-    with pytest.raises(fmt.CacheError, match=f"origin {last}: shard file .*{path.name}.*(points past|too short)"):
+    size = path.stat().st_size - 40
+    path.write_bytes(path.read_bytes()[:size])  # its tail, read as the index, is frame bytes: named as a cut
+    with pytest.raises(fmt.CacheError, match=f"origin {last}: shard file .*{path.name}: truncated shard: {size} bytes"):
         VoxelCacheDataset(root)[last]
     kinds = {p["kind"] for p in check_cache(root, progress=False)["problems"]}
-    assert kinds <= {"shard-index", "truncated-shard"} and kinds
+    assert kinds == {"truncated-shard"}
     meta = json.loads((root / fmt.VOXELS / "zarr.json").read_text())
     meta["codecs"][0]["configuration"]["codecs"][1] = {"name": "gzip", "configuration": {"level": 5}}
     (root / fmt.VOXELS / "zarr.json").write_text(json.dumps(meta))

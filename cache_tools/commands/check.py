@@ -2,7 +2,9 @@
 
 Checks, in order (each problem is one line naming origin ids, structure and file):
 
-- the cache: attributes readable, format version known, build complete;
+- the cache: attributes readable, format version known, build complete, the build parameters
+  (scale, dtype, grid, ...) unchanged since the build (the checksum it recorded; a cache built
+  before it gets a note);
 - metadata: every array present, untruncated, of the length the voxels imply; structure
   origin ranges tile 0..N-1 with no gap or overlap and agree with each origin's
   structure index; ragged string tables and split codes are well formed;
@@ -105,6 +107,10 @@ def inspect(root: str | os.PathLike, workers: int | None = None,
                              "to complete it")
         return None, {**report, "problems": [incomplete.to_dict()], "ok": False}
     c = Cache(root, attrs)
+    if attrs.params_crc32 is None:
+        report["notes"] = ["the build recorded no checksum of its parameters (a cache built before it did): "
+                           "the attributes in zarr.json are cross-checked with the arrays but cannot be "
+                           "checked against the build"]
     check_metadata(c)
     check_selections(c)
     check_origin_sets(c)
@@ -218,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict) -> str:
-    lines = [Problem.from_dict(p).line() for p in report["problems"]]
+    lines = [f"note: {note}" for note in report.get("notes") or []]
+    lines += [Problem.from_dict(p).line() for p in report["problems"]]
     for r in report.get("repaired") or []:
         lines.append(f"repaired: {r['file']} (structures {', '.join(r['structures'])})")
     checked = [f"{report['origins']} origins", f"{report['structures']} structures",

@@ -125,6 +125,9 @@ def check_lattice_tables(c: Cache, load, m: int, copies: int) -> None:
 def check_metadata(c: Cache) -> None:
     n, params = c.n_origins, c.attrs.params
     rotations = params.rotations
+    edited = fmt.params_problem(c.attrs)  # a hand-edited scale, dtype, grid, ... (recorded by the build)
+    if edited is not None:
+        c.problems.append(Problem("attributes", edited, file="zarr.json"))
 
     def load(name: str, shape: tuple | None = None, quiet: bool = False) -> np.ndarray | None:
         try:
@@ -203,18 +206,9 @@ def check_metadata(c: Cache) -> None:
             c.report("metadata", f"{len(wrong)} origins' structure index disagrees with the structure ranges",
                      int(wrong[0]), int(wrong[-1]), file=fmt.STRUCTURE_INDEX)
     # dtype and shape as the attributes say
-    if c.lattice:
-        edge = params.lattice.block_edge
-        if tuple(c.layout.item_shape) != (edge,) * 3 + (len(params.channels),) or \
-                c.layout.dtype.name != params.storage.dtype:
-            c.problems.append(Problem("metadata", f"blocks are {c.layout.dtype.name} {list(c.layout.item_shape)}, "
-                                      f"attributes say {params.storage.dtype} {[edge] * 3 + [len(params.channels)]}",
-                                      file=fmt.BLOCKS))
-        return
-    shape = ((rotations,) if rotations > 1 else ()) + (len(params.channels),) + (params.image.grid_voxels,) * 3
-    if tuple(c.layout.image_shape) != shape or c.layout.dtype.name != params.storage.dtype:
-        c.problems.append(Problem("metadata", f"voxels are {c.layout.dtype.name} {list(c.layout.image_shape)}, "
-                                  f"attributes say {params.storage.dtype} {list(shape)}", file=fmt.VOXELS))
+    mismatch = fmt.stored_problem(c.layout, params)
+    if mismatch is not None:
+        c.problems.append(Problem("metadata", mismatch, file=c.layout.array))
 
 
 

@@ -62,13 +62,15 @@ from __future__ import annotations
 
 from cache_tools.format.attrs import (CacheAttrs, CacheParams, Compression, ImageParams, InputNote,
                                       OriginSetRecord, OriginsParams, StorageParams, SubsetRecord, VoxelizerParams,
-                                      read_attrs, replace_arrays, require_complete, update_attrs, write_attrs)
+                                      params_checksum, params_problem, read_attrs, replace_arrays,
+                                      require_complete, require_params_intact, update_attrs, write_attrs)
 from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, encoder, inner_codecs
 from cache_tools.format.lattice import *  # noqa: F401,F403  (the lattice layout's names)
 from cache_tools.format.lattice import (LatticeParams, copy_frame, copy_offset, origin_set_array, origin_set_dir,
                                        snap_to_lattice, view_center, view_corner)
 from cache_tools.format.layout import (EMPTY_INDEX_ENTRY, INDEX_ENTRY_NBYTES, VoxelLayout, entry_problem,
-                                       shard_file, sharded_array_metadata, voxels_array_metadata, voxels_nbytes)
+                                       shard_file, sharded_array_metadata, stored_problem, voxels_array_metadata,
+                                       voxels_nbytes)
 from cache_tools.format.names import *  # noqa: F401,F403  (array names, vocabularies, dates, name rules)
 from cache_tools.format.names import (CacheError, check_assembly, check_name, date_to_days, days_to_date,
                                       entry_id_from_name, subset_array)

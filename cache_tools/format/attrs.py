@@ -10,7 +10,9 @@ in ``extra`` and written back untouched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -237,6 +239,7 @@ class CacheAttrs:
     """The whole attribute record of a cache (see the module docstring)."""
     params: CacheParams
     complete: bool = False
+    params_crc32: int | None = None                     # params_checksum(params) as built (None: older caches)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     pipeline_version: str | None = None
@@ -281,6 +284,7 @@ class CacheAttrs:
         return cls(
             params=CacheParams.from_json(known["params"]),
             complete=bool(known.get("complete", False)),
+            params_crc32=int(known["params_crc32"]) if known.get("params_crc32") is not None else None,
             format=known.get("format", FORMAT_NAME), format_version=known.get("format_version", FORMAT_VERSION),
             pipeline_version=known.get("pipeline_version"),
             build=dict(known.get("build") or {}),
@@ -296,6 +300,8 @@ class CacheAttrs:
     def to_json(self) -> dict:
         doc: dict[str, Any] = {"format": self.format, "format_version": self.format_version,
                                "complete": self.complete, "params": self.params.to_json()}
+        if self.params_crc32 is not None:
+            doc["params_crc32"] = self.params_crc32
         if self.pipeline_version is not None:
             doc["pipeline_version"] = self.pipeline_version
         doc["build"] = self.build
@@ -342,6 +348,31 @@ def read_attrs(root: str | os.PathLike) -> CacheAttrs:
         return CacheAttrs.from_json(doc)
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"{root}: damaged cache attributes in zarr.json ({type(exc).__name__}: {exc})") from None
+
+
+def params_checksum(params: CacheParams | dict) -> int:
+    """crc32 of the canonical JSON (sorted keys, no spaces) of the build parameters: what decides
+    what the stored images mean (scale, dtype, grid, resolution, channels, compression, layout,
+    assembly, occupancy, ...). The build records it; a hand edit of any of them then shows."""
+    doc = params.to_json() if isinstance(params, CacheParams) else params
+    return zlib.crc32(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
+def params_problem(attrs: CacheAttrs) -> str | None:
+    """Why the build parameters in zarr.json are not the ones the build recorded, or None
+    (also None for a cache built before the checksum: nothing to compare with)."""
+    if attrs.params_crc32 is None or params_checksum(attrs.params) == attrs.params_crc32:
+        return None
+    return ("cache attributes changed since the build: the parameters in zarr.json (scale, dtype, grid, "
+            "channels, ...) are not the ones the images were built with (params checksum mismatch); "
+            "restore zarr.json or rebuild the cache")
+
+
+def require_params_intact(root: str | os.PathLike, attrs: CacheAttrs) -> None:
+    """CacheError (one line) when the build parameters were edited after the build."""
+    problem = params_problem(attrs)
+    if problem is not None:
+        raise CacheError(f"{root}: {problem}")
 
 
 def require_complete(root: str | os.PathLike, attrs: CacheAttrs) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, inner_codecs
+from cache_tools.format.attrs import CacheParams
+from cache_tools.format.codecs import SUPPORTED_CODECS, Codec, inner_codecs, zstd_frames_end
 from cache_tools.format.names import DEFAULT_COMPRESSION_LEVEL, VOXELS, CacheError
 from cache_tools.format.store import array_meta, numpy_dtype
 
@@ -143,10 +144,42 @@ class VoxelLayout:
         for j in range(n):
             problem = entry_problem(int(index[j, 0]), int(index[j, 1]), data_end)
             if problem:
-                return "shard-index", f"shard index entry of origin {shard * self.origins_per_shard + j} {problem}"
+                return self.truncation(shard, size) or \
+                    ("shard-index", f"shard index entry of origin {shard * self.origins_per_shard + j} {problem}")
         if np.any(index[n:] != EMPTY_INDEX_ENTRY):
-            return "shard-index", "shard index has entries past the shard's last origin; damaged"
+            return self.truncation(shard, size) or \
+                ("shard-index", "shard index has entries past the shard's last origin; damaged")
         return None
+
+    def truncation(self, shard: int, size: int) -> tuple[str, str] | None:
+        """("truncated-shard", why) when a compressed shard file whose index does not hold is cut
+        short: its frames, walked from byte 0, and its index need more than ``size`` bytes (a cut
+        file reads frame bytes where its index should be, so the index alone cannot tell).
+        None when the frames and a whole index fit: then the index itself is damaged."""
+        n, first = self.origins_in_shard(shard), shard * self.origins_per_shard
+        with open(self.shard_file(shard), "rb") as fh:
+            frames, end = zstd_frames_end(lambda offset, count: os.pread(fh.fileno(), count, offset), size, n)
+        if frames == n and size < end + self.index_nbytes:
+            return "truncated-shard", f"truncated shard: {size} bytes, expected {end + self.index_nbytes}"
+        if frames < n and end > size:
+            return "truncated-shard", (f"truncated shard: {size} bytes, cut inside the frame of origin "
+                                       f"{first + frames}; expected at least {end + self.index_nbytes}")
+        return None
+
+
+def stored_problem(layout: VoxelLayout, params: CacheParams) -> str | None:
+    """Why the array's own metadata (dtype, item shape) are not what the build parameters say,
+    or None: the reader reads by the array's metadata, the images mean what the parameters say
+    (a hand-edited ``data_type`` in voxels/zarr.json would reinterpret every byte)."""
+    if params.lattice is not None:  # a block: (E, E, E, C)
+        shape = (params.lattice.block_edge,) * 3 + (len(params.channels),)
+    else:  # an origin's image: ((R,) C, L, L, L)
+        shape = ((params.rotations,) if params.rotations > 1 else ()) + (len(params.channels),) + \
+            (params.image.grid_voxels,) * 3
+    if tuple(layout.item_shape) == shape and layout.dtype.name == params.storage.dtype:
+        return None
+    return (f"{layout.array} are {layout.dtype.name} {list(layout.item_shape)}, "
+            f"attributes say {params.storage.dtype} {list(shape)}")
 
 
 def entry_problem(offset: int, nbytes: int, data_end: int) -> str | None:

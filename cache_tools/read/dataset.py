@@ -122,6 +122,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.root = str(Path(cache).absolute())
         attrs = fmt.read_attrs(self.root)
         fmt.require_complete(self.root, attrs)
+        fmt.require_params_intact(self.root, attrs)  # a hand-edited scale would rescale every image
         self.lattice = attrs.params.lattice is not None
         build_voxels = attrs.params.image.grid_voxels
         if self.lattice:  # views cut at training time
@@ -138,6 +139,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             self.layout = fmt.VoxelLayout(self.root)
             self.reader = ShardReader(self.layout, verify=verify, max_maps=max_maps, threads=threads)
             self.view_voxels = build_voxels
+        mismatch = fmt.stored_problem(self.layout, attrs.params)  # a hand-edited voxels/zarr.json
+        if mismatch is not None:
+            raise fmt.CacheError(f"{self.root}: {mismatch} (damaged cache; run cache-tools check)")
         self.jitter_voxels = jitter_voxels
         self.selection = Selection.of(self.root, attrs, split, subset, structures, origins)
         self.origins = origins

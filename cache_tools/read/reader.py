@@ -130,9 +130,11 @@ class ShardReader:
     def _local(self) -> _Local:
         state = self._state
         if state is None or state.pid != os.getpid():
+            # the checksums first: a missing crc32 array raises here on every read, never
+            # after a half-made state that later reads would take for a whole one
+            crc = fmt.read_array(self.layout.root, fmt.CRC32) if self.verify else None
             state = self._state = _Local(os.getpid(), self.max_maps or default_max_maps(), self.layout.n_shards)
-            if self.verify:
-                state.crc = fmt.read_array(self.layout.root, fmt.CRC32)
+            state.crc = crc
         return state
 
     def warm(self, out_dtype: np.dtype) -> None:
@@ -357,6 +359,10 @@ class ShardReader:
         from cache_tools.read.native import zstd_error
 
         file = self.layout.shard_file(origin // self.layout.origins_per_shard)
+        # a cut file reads frame bytes as its index: anything may follow; name the cause (error path only)
+        problem = self.layout.shard_problem(origin // self.layout.origins_per_shard)
+        if problem is not None and problem[0] == "truncated-shard":
+            raise fmt.CacheError(f"{self._where(origin)}: {problem[1]} (damaged cache; run cache-tools check)")
         if status == kernel.UNDECODABLE:
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: compressed bytes in {file} do not decode "
                                  f"({zstd_error(detail)}; damaged cache, run cache-tools check)")
