@@ -172,7 +172,7 @@ def main(argv=None) -> list[dict]:
             print(f"{r['dtype']} {r['image_shape']}, {r['origins']} origins; zstd {r['zstd_bytes_per_origin']:.0f} "
                   f"B/origin vs {r['raw_bytes_per_origin']} raw ({r['ratio_bytes']:.1f}x smaller)")
             print(f"  batch of {BATCH} random ids, us/batch: " + ", ".join(f"{k} {v:.0f}" for k, v in b.items()))
-            print(f"  per item, us: " + ", ".join(f"{k} {v:.1f}" for k, v in i.items()))
+            print("  per item, us: " + ", ".join(f"{k} {v:.1f}" for k, v in i.items()))
             print(f"  goals: raw ds[ids] / m[ids] speed {r['goal_batched_raw_vs_memmap_fancy']:.2f}x (>= 0.8; "
                   f"float32 output vs m[ids]->float32: {r['batched_raw_float32_vs_memmap_fancy_float32']:.2f}x); "
                   f"zstd ds[i] / bare decode time {r['goal_item_zstd_vs_bare_decode']:.2f}x (<= 1.3; float32 "

@@ -85,7 +85,7 @@ def continuous_rotation_error(root: Path, count: int = 24) -> dict[str, float]:
 
     from cache_tools import ContinuousRotation
     from cache_tools.read.augment import random_rotations
-    from pipeline.parse import parse_atoms, parse_channels
+    from pipeline.parse import parse_atoms
     from pipeline.voxelize import ImageSpec, rotate_about, voxelize
 
     n = fmt.read_attrs(root).params.image.grid_voxels

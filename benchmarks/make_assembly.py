@@ -31,7 +31,7 @@ def make_assembly(out: str | Path, source: str | Path = SAMPLES / "3v4i.cif.gz",
     for name in [m.num for m in st][1:]:
         st.remove_model(name)
     xyz = np.array([a.pos.tolist() for ch in model for r in ch for a in r])
-    lo, size = xyz.min(axis=0), np.ptp(xyz, axis=0) + gap_A
+    size = np.ptp(xyz, axis=0) + gap_A
     originals = [ch.clone() for ch in model]
     for ch in [c.name for c in model]:
         model.remove_chain(ch)

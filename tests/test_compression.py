@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from torch.utils.data import DataLoader
 

@@ -56,7 +56,7 @@ def _in_worker(root: Path, ids: list[int]) -> None:
         pass
 
 
-def _every_path_raises(root: Path, victim: int, message: str) -> None:
+def _every_path_raises(root: Path, victim: int, message: str, in_worker: bool = True) -> None:
     for kw in ({}, {"dequantize": False}):  # dequantize=False: the frame decodes straight into the image
         with pytest.raises(fmt.CacheError, match=message):
             VoxelCacheDataset(root, **kw)[victim]
@@ -64,8 +64,9 @@ def _every_path_raises(root: Path, victim: int, message: str) -> None:
         VoxelCacheDataset(root, threads=2)[[0, victim, 1]]
     with pytest.raises(fmt.CacheError, match=message):
         VoxelCacheDataset(root, rotate=True)[[victim]]
-    with pytest.raises(fmt.CacheError, match=message):
-        _in_worker(root, [1, victim])
+    if in_worker:  # a worker's error costs 5 s of DataLoader shutdown: once per kind of damage
+        with pytest.raises(fmt.CacheError, match=message):
+            _in_worker(root, [1, victim])
 
 
 @pytest.mark.parametrize("case", ["short", "long", "absent"])
@@ -86,7 +87,7 @@ def test_a_frame_of_the_wrong_size_or_an_absent_entry_is_named_on_every_read(
         path = _rewrite(root, victim, absent=True)
         why = "marked absent in the shard index"
     rel = str(path.relative_to(root))
-    _every_path_raises(root, victim, f"origin {victim}: .*{rel}.*{why}")
+    _every_path_raises(root, victim, f"origin {victim}: .*{rel}.*{why}", in_worker=dtype == "uint8")
     assert VoxelCacheDataset(root)[victim + 1]["origin_id"] == victim + 1  # its neighbours still read
     problems = check_cache(root, progress=False)["problems"]
     assert [(p["kind"], p["origins"], p["file"]) for p in problems] == [("undecodable", [victim, victim], rel)]
