@@ -74,7 +74,7 @@ def breakdown(cache: str, dequantize: bool) -> dict:
     fns = {}
     if compressed:  # the steps inside read_into of a zstd origin (_decode_one)
         from cache_tools.read.native import DecompressionContext
-        from cache_tools.read.reader import _decompress
+        from cache_tools.read.native import native_decompress as _decompress
 
         dctx, decompress = DecompressionContext(), _decompress()
         per = ds.layout.origins_per_shard

@@ -28,21 +28,12 @@ from cache_tools.read.lattice import LatticeReader
 from cache_tools.read.reader import ShardReader
 from cache_tools.read.batch import SampleBatch, batch_buffer
 from cache_tools.read.selection import Selection, origin_arrays
-from cache_tools.read.views import LatticeGeometry, check_view_options, mix_array
+from cache_tools.read.indexing import scalar_index
+from cache_tools.read.lattice_samples import LatticeSamples
+from cache_tools.read.normalize import affine_of
+from cache_tools.read.structure_nav import StructureNavigation
+from cache_tools.read.views import LatticeGeometry, check_view_options, mix, mix_array
 from cache_tools.read.rotations import CUBE_ROTATION_MATRICES, N_CUBE_ROTATIONS
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """splitmix64 over a few integers: a cheap, reproducible per-sample random number."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h
-
 
 @dataclass
 class _Local:
@@ -58,7 +49,7 @@ class _Local:
     meta: Any = None  # StructureColumns, opened on first structure_meta()
 
 
-class VoxelCacheDataset(torch.utils.data.Dataset):
+class VoxelCacheDataset(StructureNavigation, LatticeSamples, torch.utils.data.Dataset):
     """Map-style dataset over a voxel cache (or one split of it).
 
     ``ds[i]`` is a dict: ``image`` float32 tensor [C, L, L, L] (dequantized, the
@@ -153,7 +144,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
         self.n_rotations = attrs.params.rotations
         self.channels: list[list[str]] = [list(c) for c in attrs.params.channels]
         self.normalize_mean, self.normalize_std = normalize_mean, normalize_std
-        self._a, self._b = _affine(self.scale if dequantize else 1.0, len(self.channels),
+        self._a, self._b = affine_of(self.scale if dequantize else 1.0, len(self.channels),
                                    normalize_mean, normalize_std, dequantize)
         self._scale_out = float(self._a[0]) if self._a is not None else 1.0  # the plain path's one scale
         self.reader.warm(self.image_dtype)  # here, not in each DataLoader worker
@@ -227,7 +218,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
 
     def origin_id(self, index: int) -> int:
         """Global origin id of sample ``index`` of this dataset (split); negative counts from the end."""
-        index = _scalar_index(index)
+        index = scalar_index(index)
         if index is None:
             raise TypeError("origin_id() takes one integer index")
         if not -self._len <= index < self._len:
@@ -275,8 +266,8 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def _choices(self, index: int) -> tuple[int, int]:
         """(stored rotation, cube rotation) of sample ``index`` this epoch."""
         epoch = int(self._epoch)
-        stored = _mix(self.seed, epoch, index, 1) % self.n_rotations if self.n_rotations > 1 else 0
-        cube = _mix(self.seed, epoch, index, 2) % N_CUBE_ROTATIONS if self.rotate else 0
+        stored = mix(self.seed, epoch, index, 1) % self.n_rotations if self.n_rotations > 1 else 0
+        cube = mix(self.seed, epoch, index, 2) % N_CUBE_ROTATIONS if self.rotate else 0
         return stored, cube
 
     def _choices_of(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +296,7 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if type(index) is int and self._plain and -self._len <= index < self._len:
             return self._plain_item(index % self._len)  # the common case, in as little Python as it takes
-        scalar = _scalar_index(index)
+        scalar = scalar_index(index)
         if scalar is None:  # a slice or a list of indices: a ready batch
             if isinstance(index, slice):
                 index = range(*index.indices(self._len))
@@ -389,57 +380,6 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
                 "cube_rotation": torch.from_numpy(choices[:, 1].copy())}
         return SampleBatch(data)
 
-    def _view_item(self, index: int, origin: int, state: _Local) -> dict[str, Any]:
-        """``ds[i]`` of a lattice cache: :meth:`_read_views` for one sample, in scalars (numpy and
-        torch calls cost microseconds each on one element)."""
-        row, epoch, size = int(state.structure_index[origin]), int(self._epoch), self.view_voxels
-        geometry, copies = self.geometry, self.geometry.copies
-        copy = _mix(self.seed, epoch, index, 1, 0) % copies if copies > 1 else 0
-        cube = _mix(self.seed, epoch, index, 2, 0) % N_CUBE_ROTATIONS if self.rotate else 0
-        center = state.center[origin]
-        if copies > 1:
-            center = geometry.to_copy(np.array([row]), np.array([copy]), center[None])[0]
-        res = geometry.resolution
-        corner = [(round(2 * float(c) / res) - size + 1) // 2 for c in center.tolist()]  # format.view_corner
-        if self.jitter_voxels:
-            span = 2 * self.jitter_voxels + 1
-            corner = [q + _mix(self.seed, epoch, index, 3 + axis, 0) % span - self.jitter_voxels
-                      for axis, q in enumerate(corner)]
-        lattice = row * copies + copy
-        if self.verify:
-            self.reader.verify_blocks(self.reader.touched_blocks(lattice, np.array(corner), size))
-        out = np.empty((size, size, size, len(self.channels)), self.image_dtype)
-        self.reader.read_one(lattice, corner, size, out, cube, self._a, self._b)
-        view_center = [(q + size / 2) * res for q in corner]
-        if copies > 1:
-            view_center = geometry.from_copy(np.array([row]), np.array([copy]), np.array([view_center]))[0].tolist()
-        image = torch.from_numpy(out).permute(3, 0, 1, 2)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "origin_id": origin, "structure_index": row,
-                "center_A": torch.from_numpy(np.array(view_center, np.float32)), "rotation": copy,
-                "cube_rotation": cube}
-
-    def _read_views(self, idx: np.ndarray, origins: np.ndarray) -> dict[str, torch.Tensor]:
-        """A lattice cache's batch: each sample's view placed (copy, jitter, cube rotation from
-        (seed, epoch, index)), cut, cast and rotated into one channel-last buffer, handed over as
-        a (B, C, N, N, N) tensor in torch's channels_last_3d memory format (no copy)."""
-        state, n, size = self._local(), len(origins), self.view_voxels
-        rows = state.structure_index[origins].astype(np.int64)
-        placed = self.geometry.place(self.seed, int(self._epoch), idx, rows, state.center[origins], size,
-                                     self.jitter_voxels, self.rotate)
-        if self.verify:
-            for lattice, corner in zip(placed.lattices.tolist(), placed.corners):
-                self.reader.verify_blocks(self.reader.touched_blocks(lattice, corner, size))
-        buffer = batch_buffer((n, size, size, size, len(self.channels)), self.image_dtype, pin=self._pin())
-        self.reader.read(placed.lattices, placed.corners, size, buffer.numpy(), placed.cube, self._a, self._b)
-        return {"image": buffer.permute(0, 4, 1, 2, 3),
-                "origin_id": torch.from_numpy(origins.astype(np.int64)),
-                "structure_index": torch.from_numpy(rows),
-                "center_A": torch.from_numpy(self.geometry.view_centers(placed, rows, size)),
-                "rotation": torch.from_numpy(placed.copies),
-                "cube_rotation": torch.from_numpy(placed.cube)}
-
     def _pin(self) -> bool:
         return self.pin_memory and torch.cuda.is_available()
 
@@ -468,107 +408,9 @@ class VoxelCacheDataset(torch.utils.data.Dataset):
             return torch.from_numpy((cube.astype(np.float32) @ stored).astype(np.float32))
         return torch.from_numpy(cube.astype(np.float32))
 
-    @property
-    def n_structures(self) -> int:
-        """Structures in this dataset (its split), not in the whole cache."""
-        return self._n_structures
-
-    def _structure(self, k: int) -> int:
-        """Local structure position ``k`` (negative counts from the end), checked."""
-        k = operator.index(k)
-        if not -self._n_structures <= k < self._n_structures:
-            raise IndexError(f"structure {k} out of range for {self._n_structures} structures"
-                             + (f" in {self.selection.describe()}" if self.selection.selective else ""))
-        return k % self._n_structures
-
-    def structure_row(self, k: int) -> int:
-        """Global structures-table row (the ``structure_index`` of its samples) of local structure ``k``."""
-        return int(self._table()[0][self._structure(k)])
-
-    def local_structure(self, row: int) -> int:
-        """Local position of global structure ``row`` (a sample's ``structure_index``); ValueError if absent."""
-        row = operator.index(row)
-        rows = self._table()[0]
-        k = int(np.searchsorted(rows, row))
-        if k == len(rows) or rows[k] != row:
-            raise ValueError(f"structure row {row} is not in {self.selection.describe()}")
-        return k
-
-    def origins_of_structure(self, k: int) -> range:
-        """Local sample indices of local structure ``k`` (contiguous): ``ds[i] for i in range``."""
-        k = self._structure(k)
-        cumulative = self._table()[2]
-        return range(int(cumulative[k]), int(cumulative[k + 1]))
-
-    def structure_meta(self, k: int) -> dict[str, Any]:
-        """Metadata of local structure ``k`` recorded at build time: ``method`` and ``polymer``
-        (lists of names), ``resolution_A`` (NaN if absent), ``deposited``/``released``
-        (``datetime.date`` or None), ``n_models``, ``n_chains``. CacheError on a cache built
-        before they were recorded."""
-        row = self.structure_row(k)
-        state = self._local()
-        if state.meta is None:
-            from cache_tools.read.structure_meta import StructureColumns
-            state.meta = StructureColumns(self.root)
-        return state.meta.row(row)
-
-    def structure_id(self, k: int) -> str:
-        """The id of local structure ``k`` (from its file name, e.g. '1abc')."""
-        blob, offsets = self._strings()
-        return fmt.ragged_item(blob, offsets, self.structure_row(k))
-
-    def _strings(self) -> tuple[np.ndarray, np.ndarray]:
-        state = self._local()
-        if state.ids is None:
-            state.ids = fmt.read_ragged_strings(self.root, fmt.STRUCTURE_ID)
-        return state.ids
-
     def __repr__(self) -> str:
         return (f"VoxelCacheDataset({self.root!r}, split={self.split!r}, subset={self.subset!r}, "
                 f"origins={self.origins!r}, n={self._len}, "
                 f"image={tuple(self.layout.image_shape[-4:])}, items=float32, "
                 f"stored={self.layout.dtype.name}, "
                 f"rotate={self.rotate}, stored_rotations={self.n_rotations}, prefetch={self.prefetch})")
-
-
-def _affine(scale: float, n_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-            dequantize: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Per-channel (a, b) with image = a * stored + b: the dequantization scale, and with
-    ``normalize_mean``/``normalize_std`` the normalization (v - mean) / std folded in
-    (a = scale / std, b = -mean / std). (None, None) when it is the identity."""
-    if (mean is None) != (std is None):
-        raise ValueError("normalize_mean and normalize_std go together: give both or neither")
-    if mean is None:
-        return (None, None) if scale == 1.0 else (np.full(n_channels, scale, np.float32), None)
-    if not dequantize:
-        raise ValueError("normalize_mean/normalize_std need float32 images: not with dequantize=False")
-    values = {}
-    for name, given in (("normalize_mean", mean), ("normalize_std", std)):
-        array = np.broadcast_to(np.asarray(given, np.float64), (n_channels,)) if np.ndim(given) == 0 \
-            else np.asarray(given, np.float64)
-        if array.shape != (n_channels,) or not np.all(np.isfinite(array)):
-            raise ValueError(f"{name}: expected {n_channels} finite numbers (one per channel), got {given!r}")
-        values[name] = array
-    if np.any(values["normalize_std"] <= 0):
-        raise ValueError(f"normalize_std: every value must be positive, got {std!r}")
-    a = (scale / values["normalize_std"]).astype(np.float32)
-    b = (-values["normalize_mean"] / values["normalize_std"]).astype(np.float32)
-    return a, b
-
-
-def _scalar_index(index: Any) -> int | None:
-    """``index`` as an int if it is one integer (int, numpy integer, 0-d integer array or
-    tensor); None if it is a sequence or slice (a batch); TypeError for anything else."""
-    if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
-        return int(index)
-    if isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim == 0:
-        kind = index.dtype.kind if isinstance(index, np.ndarray) else (
-            "f" if index.is_floating_point() or index.is_complex() else
-            "b" if index.dtype == torch.bool else "i")
-        if kind in "iu":
-            return int(index)
-        raise TypeError(f"dataset index must be an integer, got a 0-d {index.dtype} {type(index).__name__}")
-    if isinstance(index, (slice, list, tuple, range, np.ndarray, torch.Tensor)):
-        return None
-    raise TypeError(f"dataset index must be an integer, a sequence of integers or a slice, "
-                    f"got {type(index).__name__} {index!r}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from cache_tools import format as fmt
 from cache_tools.read import kernel
-from cache_tools.read.reader import default_threads
+from cache_tools.read.reader_state import default_threads
 from cache_tools.read.rotations import FLIPS, PERMS
 
 BLOCK_CACHE_BYTES = 4 << 20  # decoded blocks kept per thread (compressed lattices); BENCHMARKS.md "Lattice"

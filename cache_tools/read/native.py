@@ -117,3 +117,21 @@ class DecompressionContext:
 def zstd_error(result: int) -> str:
     """libzstd's name for an error result of ZSTD_decompressDCtx (as a kernel returned it)."""
     return register()["ZSTD_getErrorName"](ctypes.c_size_t(result).value).decode()
+
+
+_PER_ITEM: dict = {}
+
+
+def native_decompress():
+    """libzstd's ZSTD_decompressDCtx as a ctypes function (the per-item path; batches use the kernel)."""
+    fn = _PER_ITEM.get("decompress")
+    if fn is None:
+        fn = _PER_ITEM["decompress"] = register()["ZSTD_decompressDCtx"]
+        _PER_ITEM["is_error"] = register()["ZSTD_isError"]
+    return fn
+
+
+def native_is_error():
+    """libzstd's ZSTD_isError as a ctypes function."""
+    native_decompress()
+    return _PER_ITEM["is_error"]

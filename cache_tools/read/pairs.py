@@ -140,7 +140,7 @@ class NeighborPairs(VoxelCacheDataset):
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from cache_tools.read.dataset import _scalar_index
+        from cache_tools.read.indexing import scalar_index as _scalar_index
 
         scalar = _scalar_index(index)
         if scalar is None:

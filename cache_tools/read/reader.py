@@ -1,7 +1,7 @@
 """Reading origins out of a per-origin cache's shard files, with bounded open files.
 
 A :class:`ShardReader` is small and picklable; everything it opens lives in a per-process
-:class:`_Local`, created on first use in each process (after a fork or an unpickle), never in
+:class:`ReaderState`, created on first use in each process (after a fork or an unpickle), never in
 the constructor, so a DataLoader worker never inherits descriptors or maps.
 
 Bounded resources whatever the shard count: at most ``max_maps`` shards are open at once, in
@@ -22,95 +22,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import resource
 import struct
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.read.native import native_decompress, native_is_error
+from cache_tools.read.reader_state import (Descriptor, ReaderState, ThreadScratch, default_max_maps,
+                                           default_threads, runs_of_shards)
 
 _INDEX_ENTRY = struct.Struct("<QQ")  # a zarr shard index slot: offset, length (little-endian uint64)
-
-
-def default_max_maps() -> int:
-    """Open shards (maps or descriptors) per process: an eighth of RLIMIT_NOFILE, between 8 and 256."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 256 if soft == resource.RLIM_INFINITY else max(8, min(256, soft // 8))
-
-
-def default_threads() -> int:
-    """Threads for a batch: up to 4 cores, 1 inside a DataLoader worker (workers are the parallelism)."""
-    import torch.utils.data
-
-    if torch.utils.data.get_worker_info() is not None:
-        return 1
-    return max(1, min(4, len(os.sched_getaffinity(0))))
-
-
-class _Descriptor:
-    """An open shard file, closed when the last reference goes."""
-
-    fd = -1  # if the open fails, __del__ still runs
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def __del__(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-
-
-@dataclass
-class _Thread:
-    """A thread's scratch for the kernels: a zstd context, a frame buffer, a stored-dtype stage."""
-    dctx: object = None
-    frame: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
-    entry: np.ndarray = field(default_factory=lambda: np.empty(2, np.uint64))
-    stage: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
-
-
-@dataclass
-class _Local:
-    """What one process has opened: never pickled, never inherited across a fork."""
-    pid: int
-    max_maps: int
-    n_shards: int
-    slot_of_shard: np.ndarray = None   # (n_shards,) int32, -1 = not open
-    shard_of_slot: np.ndarray = None   # (max_maps,) int64, -1 = free
-    base: np.ndarray = None            # (max_maps,) uintp: the map's address (uncompressed)
-    fd: np.ndarray = None              # (max_maps,) int64: the descriptor (compressed)
-    data_end: np.ndarray = None        # (max_maps,) int64: where the shard's index starts
-    last_used: np.ndarray = None       # (max_maps,) int64
-    holders: list = None               # per slot: the mmap / _Descriptor keeping it open
-    images: list = None                # per slot, uncompressed: the shard's origins as an array (views)
-    retired: list = field(default_factory=list)  # pushed out while a call was reading: freed after it
-    calls: int = 0                     # kernel calls in flight (holders retire only when none)
-    tick: int = 0
-    threads: threading.local = field(default_factory=threading.local)
-    crc: np.ndarray | None = None
-    pool: ThreadPoolExecutor | None = None
-    pool_threads: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self.slot_of_shard = np.full(self.n_shards, -1, np.int32)
-        self.shard_of_slot = np.full(self.max_maps, -1, np.int64)
-        self.base = np.zeros(self.max_maps, np.uintp)
-        self.fd = np.full(self.max_maps, -1, np.int64)
-        self.data_end = np.zeros(self.max_maps, np.int64)
-        self.last_used = np.zeros(self.max_maps, np.int64)
-        self.holders = [None] * self.max_maps
-        self.images = [None] * self.max_maps
-
-    def thread(self) -> _Thread:
-        scratch = getattr(self.threads, "scratch", None)
-        if scratch is None:
-            scratch = self.threads.scratch = _Thread()
-        return scratch
 
 
 class ShardReader:
@@ -122,18 +45,18 @@ class ShardReader:
         self.verify = verify
         self.max_maps = max_maps
         self.threads = threads
-        self._state: _Local | None = None
+        self._state: ReaderState | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None}
 
-    def _local(self) -> _Local:
+    def _local(self) -> ReaderState:
         state = self._state
         if state is None or state.pid != os.getpid():
             # the checksums first: a missing crc32 array raises here on every read, never
             # after a half-made state that later reads would take for a whole one
             crc = fmt.read_array(self.layout.root, fmt.CRC32) if self.verify else None
-            state = self._state = _Local(os.getpid(), self.max_maps or default_max_maps(), self.layout.n_shards)
+            state = self._state = ReaderState(os.getpid(), self.max_maps or default_max_maps(), self.layout.n_shards)
             state.crc = crc
         return state
 
@@ -149,7 +72,7 @@ class ShardReader:
 
     # --- slots -------------------------------------------------------------------------------
 
-    def _slots(self, local: _Local, shards: np.ndarray, first_origin: np.ndarray,
+    def _slots(self, local: ReaderState, shards: np.ndarray, first_origin: np.ndarray,
                keep: np.ndarray | None = None) -> np.ndarray:
         """Slots of ``shards`` (unique, at most max_maps), opening those not open; ``local.lock`` held.
         ``first_origin``: an origin of each shard, to name it in errors; ``keep``: slots the
@@ -173,7 +96,7 @@ class ShardReader:
         local.last_used[slots] = local.tick
         return slots
 
-    def _install(self, local: _Local, slot: int, shard: int, origin: int) -> None:
+    def _install(self, local: ReaderState, slot: int, shard: int, origin: int) -> None:
         """Open ``shard`` into ``slot`` (closing what the slot held once nothing reads it)."""
         old = int(local.shard_of_slot[slot])
         if old >= 0:
@@ -183,7 +106,7 @@ class ShardReader:
         layout, path = self.layout, self.layout.shard_file(shard)
         try:
             if layout.codec is not None:
-                holder = _Descriptor(path)
+                holder = Descriptor(path)
                 size = os.fstat(holder.fd).st_size
             else:
                 with open(path, "rb") as fh:  # the map keeps its own descriptor; this one closes
@@ -221,7 +144,7 @@ class ShardReader:
 
     # --- one origin --------------------------------------------------------------------------
 
-    def _slot(self, local: _Local, origin: int) -> int:
+    def _slot(self, local: ReaderState, origin: int) -> int:
         """The slot of the origin's shard, opened if need be: the per-item path (an array
         lookup when the shard is open). The caller takes what it needs from the slot at once."""
         shard = origin // self.layout.origins_per_shard
@@ -233,7 +156,7 @@ class ShardReader:
         local.last_used[slot] = local.tick
         return slot
 
-    def _holder(self, local: _Local, origin: int):
+    def _holder(self, local: ReaderState, origin: int):
         """(holder, where its index starts) of the origin's shard."""
         while True:
             slot = self._slot(local, origin)
@@ -241,7 +164,7 @@ class ShardReader:
             if local.shard_of_slot[slot] == origin // self.layout.origins_per_shard:  # not replaced meanwhile
                 return holder, end
 
-    def _decode_one(self, local: _Local, origin: int, out: np.ndarray) -> None:
+    def _decode_one(self, local: ReaderState, origin: int, out: np.ndarray) -> None:
         """A compressed origin decoded into ``out`` (C-contiguous, its stored bytes' size):
         two preads and one call of libzstd with this thread's reused context."""
         layout = self.layout
@@ -261,8 +184,8 @@ class ShardReader:
             from cache_tools.read.native import DecompressionContext
 
             scratch.dctx = DecompressionContext()
-        result = _decompress()(scratch.dctx.address, out.ctypes.data, layout.origin_nbytes, frame, len(frame))
-        if _is_error()(result):
+        result = native_decompress()(scratch.dctx.address, out.ctypes.data, layout.origin_nbytes, frame, len(frame))
+        if native_is_error()(result):
             self._raise(origin, _kernel().UNDECODABLE, result)
         if result != layout.origin_nbytes:
             self._raise(origin, _kernel().WRONG_SIZE, result)
@@ -292,7 +215,7 @@ class ShardReader:
         """The origin's bytes as the build encoded them before compression (what its crc32 covers)."""
         return self.view(origin).tobytes()
 
-    def _check_crc(self, local: _Local, origin: int, stored: np.ndarray) -> None:
+    def _check_crc(self, local: ReaderState, origin: int, stored: np.ndarray) -> None:
         if zlib.crc32(stored) != int(local.crc[origin]):
             raise fmt.CacheError(f"{self.layout.root}: origin {origin}: checksum mismatch in "
                                  f"{self.layout.shard_file(origin // self.layout.origins_per_shard)} "
@@ -300,7 +223,7 @@ class ShardReader:
 
     # --- many origins ------------------------------------------------------------------------
 
-    def _stage(self, scratch: _Thread, n: int) -> np.ndarray:
+    def _stage(self, scratch: ThreadScratch, n: int) -> np.ndarray:
         """This thread's stage of ``n`` stored images, as (n, origin bytes) uint8."""
         need = n * self.layout.origin_nbytes
         if scratch.stage.size < need:
@@ -322,7 +245,7 @@ class ShardReader:
             if scratch.frame.size == 0:  # a frame is at most ZSTD_compressBound(an image)
                 scratch.frame = np.empty(layout.origin_nbytes + (layout.origin_nbytes >> 7) + 1024, np.uint8)
         shards, rows = np.divmod(origins, layout.origins_per_shard)
-        parts = [slice(0, len(origins))] if len(origins) <= local.max_maps else _runs_of_shards(shards, local.max_maps)
+        parts = [slice(0, len(origins))] if len(origins) <= local.max_maps else runs_of_shards(shards, local.max_maps)
         for part in parts:
             with local.lock:  # slots found with array lookups; only a shard not open yet costs Python
                 slots = local.slot_of_shard[shards[part]]
@@ -506,39 +429,6 @@ def _kernel():
     from cache_tools.read import kernel
 
     return kernel
-
-
-_FUNCTIONS: dict = {}
-
-
-def _decompress():
-    """libzstd's ZSTD_decompressDCtx through ctypes (the per-item path; batches use the kernel)."""
-    fn = _FUNCTIONS.get("decompress")
-    if fn is None:
-        from cache_tools.read.native import register
-
-        fn = _FUNCTIONS["decompress"] = register()["ZSTD_decompressDCtx"]
-        _FUNCTIONS["is_error"] = register()["ZSTD_isError"]
-    return fn
-
-
-def _is_error():
-    _decompress()
-    return _FUNCTIONS["is_error"]
-
-
-def _runs_of_shards(shards: np.ndarray, limit: int) -> list[slice]:
-    """Consecutive parts of a batch that touch at most ``limit`` distinct shards each."""
-    if len(np.unique(shards)) <= limit:
-        return [slice(0, len(shards))]
-    parts, start, seen = [], 0, set()
-    for k, shard in enumerate(shards.tolist()):
-        if shard not in seen and len(seen) == limit:
-            parts.append(slice(start, k))
-            start, seen = k, set()
-        seen.add(shard)
-    parts.append(slice(start, len(shards)))
-    return parts
 
 
 def scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:

@@ -19,10 +19,23 @@ from cache_tools.read.rotations import N_CUBE_ROTATIONS
 
 MAX_VIEW_VOXELS = 256
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """splitmix64 over a few integers: a cheap, reproducible per-sample random number."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h
+
+
 
 def mix_array(*values) -> np.ndarray:
     """splitmix64 over integers and integer arrays: a reproducible random number per element
-    (the same numbers as ``cache_tools.read.dataset._mix`` for scalars)."""
+    (the same numbers as ``mix`` for scalars)."""
     with np.errstate(over="ignore"):
         h = np.uint64(0x9E3779B97F4A7C15)
         for v in values:
