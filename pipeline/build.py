@@ -99,7 +99,10 @@ class BuildParams:
         rule = params.origins
         return cls(
             channels=[list(c) for c in params.channels], image=ImageSpec(**params.image.to_json()),
-            storage=Storage(params.storage.dtype, params.storage.uint8_max or fmt.UINT8_DEFAULT_MAX),
+            storage=Storage(params.storage.dtype, params.storage.uint8_max if params.storage.uint8_max is not None
+                            # caches that did not record it stored 255 steps of their scale
+                            else 255 * params.storage.scale if params.storage.dtype == "uint8"
+                            else fmt.UINT8_DEFAULT_MAX),
             rule=OriginRule(seed=rule.seed) if rule.rule == "file" else OriginRule(
                 rule.min_neighbors, rule.neighbor_radius_A, rule.min_spacing_A, rule.max_per_structure, rule.seed),
             rotations=params.rotations, origins_file=rule.path, origins_per_shard=params.origins_per_shard,

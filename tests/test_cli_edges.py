@@ -38,3 +38,23 @@ def test_info_of_a_uint8_cache_without_uint8_max(cache_factory, tmp_path, capsys
     assert cache_tools(["info", str(root)]) == 0
     out = capsys.readouterr().out
     assert "storage:    uint8 (scale 0.00784314, max abs error 0.00392 up to 2; " in out, out
+
+
+def test_spot_check_of_a_uint8_cache_without_uint8_max_revoxelizes_with_its_scale(data_dir, tmp_path, capfd):
+    """A cache from before uint8_max and the params checksum were recorded, built with another top
+    than the default: re-voxelizing takes the top from the scale (255 steps of it), not 2.0."""
+    from pipeline.cli import main as pipeline
+
+    root = tmp_path / "c.zarr"
+    assert pipeline(["build-cache", str(data_dir / "1aa5.cif.gz"), "--out", str(root), "--dtype", "uint8",
+                     "--uint8-max", "3", "--grid-voxels", "9", "--max-origins-per-structure", "4",
+                     "--workers", "1", "--quiet"]) == 0
+    meta = json.loads((root / "zarr.json").read_text())
+    cache = meta["attributes"]["voxel_cache"]
+    assert cache["params"]["storage"].pop("uint8_max") == 3.0
+    cache.pop("params_crc32")
+    (root / "zarr.json").write_text(json.dumps(meta))
+    capfd.readouterr()
+    assert cache_tools(["check", str(root), "--spot-check", "4", "--sources", str(data_dir)]) == 0
+    out = capfd.readouterr().out
+    assert "OK" in out and "4 origins re-voxelized" in out, out
