@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_tools import VoxelCacheDataset  # noqa: E402
 
+import compressed_reads  # noqa: E402  (this folder: the same timing loop)
+
 REPEATS = 60
 
 
 def best_us(fns: dict, items) -> dict[str, float]:
-    best = {k: float("inf") for k in fns}
-    for fn in fns.values():
-        for x in items[:50]:
-            fn(x)
-    for _ in range(REPEATS):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for x in items:
-                fn(x)
-            best[k] = min(best[k], (time.perf_counter() - t) / len(items) * 1e6)
-    return best
+    return compressed_reads.best_us(fns, items, REPEATS)  # interleaved passes, best of REPEATS
 
 
 def breakdown(cache: str, dequantize: bool) -> dict:

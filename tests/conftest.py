@@ -115,3 +115,35 @@ def lattice_factory(tmp_path_factory):
         return built[key]
 
     return make
+
+
+def sigint_while_waiting_on(fifo: Path, command: list, **popen) -> tuple[int, str]:
+    """Run ``command`` (which reads ``fifo``) with SIGINT ignored, as ``cmd &`` from a script
+    starts it; once it has opened the FIFO, send SIGINT, then close the FIFO empty (a command
+    that ignored SIGINT ends then). Returns (exit code, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), **popen)
+    deadline = time.time() + 120
+    while True:  # a writer can open a FIFO only once its reader has: then the command is running
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: not opened for reading yet
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.02)
+    try:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # SIGINT ignored: still waiting on the FIFO
+    finally:
+        os.close(writer)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import DATA
+from conftest import DATA, sigint_while_waiting_on
 
 BUILD = [sys.executable, "-m", "pipeline.cli", "build-cache"]
 TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
@@ -113,28 +113,8 @@ def test_sigint_reaches_a_build_started_with_sigint_ignored(tmp_path):
     SIGINT still interrupts it: one line, exit 130. The build waits on its input list, a FIFO,
     so the signal arrives while it runs, whatever the machine's speed."""
     fifo = tmp_path / "inputs.txt"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen([*BUILD, f"@{fifo}", "--out", tmp_path / "c.zarr", *SMALL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 120
-    while True:  # a writer can open a FIFO only once its reader has: then the build is in main()
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:  # ENXIO: not opened for reading yet
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.02)
-    try:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass  # SIGINT ignored: the build still waits for its list
-    finally:
-        os.close(writer)  # an empty list: a build that ignored SIGINT ends now (exit 2)
-    _, stderr = proc.communicate(timeout=60)
-    assert (proc.returncode, stderr) == (130, "pipeline build-cache: interrupted; rerun the same command to resume\n")
+    assert sigint_while_waiting_on(fifo, [*BUILD, f"@{fifo}", "--out", tmp_path / "c.zarr", *SMALL]) == \
+        (130, "pipeline build-cache: interrupted; rerun the same command to resume\n")
     assert not (tmp_path / "c.zarr").exists()
 
 

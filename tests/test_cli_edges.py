@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from cache_tools.commands.cli import main as cache_tools
+from conftest import sigint_while_waiting_on
 
 TOOLS = [sys.executable, "-m", "cache_tools.commands.cli"]
 
@@ -64,30 +65,7 @@ def test_sigint_reaches_cache_tools_started_with_sigint_ignored(cache_factory, t
     """`cache-tools ... &` from a script starts with SIGINT ignored; SIGINT still interrupts it:
     one line, exit 130. `split --from-file` waits on its id list, a FIFO, so the signal arrives
     while the command runs."""
-    import signal
-    import time
-
     root = shutil.copytree(cache_factory("uint8"), tmp_path / "c.zarr")
     fifo = tmp_path / "ids.txt"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, "-m", "cache_tools.commands.cli", "split", str(root),
-                             "--from-file", f"val={fifo}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 120
-    while True:  # a writer can open a FIFO only once its reader has: then the command is running
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.02)
-    try:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass  # SIGINT ignored: still waiting for its list
-    finally:
-        os.close(writer)  # an empty list: a command that ignored SIGINT ends now
-    _, stderr = proc.communicate(timeout=60)
-    assert (proc.returncode, stderr) == (130, "cache-tools: interrupted\n")
+    command = [sys.executable, "-m", "cache_tools.commands.cli", "split", str(root), "--from-file", f"val={fifo}"]
+    assert sigint_while_waiting_on(fifo, command) == (130, "cache-tools: interrupted\n")
