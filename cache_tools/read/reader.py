@@ -164,7 +164,7 @@ class ShardReader:
             if local.shard_of_slot[slot] == origin // self.layout.origins_per_shard:  # not replaced meanwhile
                 return holder, end
 
-    def _decode_one(self, local: ReaderState, origin: int, out: np.ndarray) -> None:
+    def _decode_one(self, local: ReaderState, origin: int, out: np.ndarray, address: int | None = None) -> None:
         """A compressed origin decoded into ``out`` (C-contiguous, its stored bytes' size):
         two preads and one call of libzstd with this thread's reused context."""
         layout = self.layout
@@ -184,7 +184,8 @@ class ShardReader:
             from cache_tools.read.native import DecompressionContext
 
             scratch.dctx = DecompressionContext()
-        result = native_decompress()(scratch.dctx.address, out.ctypes.data, layout.origin_nbytes, frame, len(frame))
+        result = native_decompress()(scratch.dctx.address, out.ctypes.data if address is None else address,
+                                     layout.origin_nbytes, frame, len(frame))
         if native_is_error()(result):
             self._raise(origin, _kernel().UNDECODABLE, result)
         if result != layout.origin_nbytes:
@@ -368,14 +369,15 @@ class ShardReader:
             self._finish(stage, out[k:k + 1], None if which is None else which[k:k + 1],
                          None if cube is None else cube[k:k + 1], a, b)
 
-    def read_into(self, origin: int, out: np.ndarray, scale: float = 1.0) -> None:
+    def read_into(self, origin: int, out: np.ndarray, scale: float = 1.0, address: int | None = None) -> None:
         """``out = image of origin * scale`` (cast to out's dtype): the per-item path, no compiled
         call (a call's set-up costs more than Python here); compressed bytes of out's dtype
-        decode straight into it."""
+        decode straight into it (at ``address``, out's data pointer, if the caller has it:
+        numpy's ``out.ctypes.data`` costs 0.8 µs, a tensor's ``data_ptr()`` 0.05)."""
         layout = self.layout
         if layout.codec is not None and not self.verify and out.dtype == layout.dtype and scale == 1.0 \
                 and out.flags.c_contiguous:
-            self._decode_one(self._local(), origin, out)
+            self._decode_one(self._local(), origin, out, address)
             return
         scaled_copy(self.view(origin), out, scale)
 
