@@ -272,14 +272,22 @@ def restore_sigint() -> None:
 def main(argv: list[str] | None = None) -> int:
     restore_sigint()
     args = build_parser().parse_args(argv)
-    if args.command == "build-cache":
-        return run_build(args)
-    from pipeline.repair import run_check
     try:
-        return run_check(args)
-    except KeyboardInterrupt:
-        print(f"{os.environ.get('VOXEL_CACHE_CALLER', 'pipeline check')}: interrupted", file=sys.stderr)
-        return 130
+        if args.command == "build-cache":
+            code = run_build(args)
+        else:
+            from pipeline.repair import run_check
+            try:
+                code = run_check(args)
+            except KeyboardInterrupt:
+                print(f"{os.environ.get('VOXEL_CACHE_CALLER', 'pipeline check')}: interrupted", file=sys.stderr)
+                return 130
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `pipeline build-cache ... | head -1`: exit quietly, as cache-tools does
+        from cache_tools.commands.cli import broken_pipe
+
+        return broken_pipe()
 
 
 if __name__ == "__main__":

@@ -69,3 +69,20 @@ def test_sigint_reaches_cache_tools_started_with_sigint_ignored(cache_factory, t
     fifo = tmp_path / "ids.txt"
     command = [sys.executable, "-m", "cache_tools.commands.cli", "split", str(root), "--from-file", f"val={fifo}"]
     assert sigint_while_waiting_on(fifo, command) == (130, "cache-tools: interrupted\n")
+
+
+def test_a_build_into_a_closed_pipe_exits_quietly(data_dir, tmp_path):
+    """`pipeline build-cache ... | head -1`: the reader of stdout is gone before the summary is
+    printed. The build completes (its store is whole) and exits 141 with nothing on stderr."""
+    read, write = os.pipe()
+    os.close(read)
+    out = tmp_path / "c.zarr"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "build-cache", str(data_dir / "1aa5.cif.gz"),
+                               "--out", str(out), "--grid-voxels", "9", "--max-origins-per-structure", "4",
+                               "--workers", "1", "--quiet"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, ""), (proc.returncode, proc.stderr)
+    assert cache_tools(["check", str(out)]) == 0
