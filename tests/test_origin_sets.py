@@ -273,3 +273,37 @@ def test_info_check_delete_and_a_damaged_set_file_named_with_its_command(cache, 
     assert cache_tools(["check", str(cache), "--quiet"]) == 0
     with pytest.raises(fmt.CacheError, match=r"no origin set named 'sites' \(available: none"):
         VoxelCacheDataset(cache, origins="sites")
+
+
+def test_a_full_disk_while_replacing_a_set_keeps_the_old_one(cache, atoms, tmp_path, capsys, monkeypatch):
+    """Origin sets publish as splits and subsets do: staged first, so a full disk while storing a
+    new version of a set leaves the old version, every byte of it, and says nothing was changed."""
+    import errno
+    import os
+    import stat
+
+    csv, _ = sites_csv(tmp_path / "sites.csv", atoms)
+    assert cache_tools(["origins", str(cache), "sites", "--from", str(csv)]) == 0
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    other = tmp_path / "other.csv"
+    other.write_text("structure_id,x,y,z\n1aa5,1.0,2.0,3.0\n")
+    real_fsync = os.fsync
+
+    written = []
+
+    def full(fd: int) -> None:  # the disk fills up after the first file
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            written.append(fd)
+            if len(written) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    capsys.readouterr()
+    monkeypatch.setattr(os, "fsync", full)
+    code = cache_tools(["origins", str(cache), "sites", "--from", str(other)])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.endswith("nothing was changed\n"), err
+    assert "No space left on device" in err
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
+    assert len(VoxelCacheDataset(cache, origins="sites")) == 16

@@ -17,9 +17,10 @@ as the build's ``--origins`` does). A bad row is one line naming ``FILE:LINE`` a
 exit 2, and nothing is stored. The rule form reads the stored lattice, never the mmCIF files:
 see :mod:`cache_tools.commands.origin_rule` (it counts atom mass, not atoms).
 
-Crash-safe as subsets are: a set of the same name is first forgotten by the attributes, the
-arrays are published (each file atomically), and the attributes name the new set last, with
-the crc32 of each array (checked by ``cache-tools check``).
+Crash-safe as splits and subsets are (:func:`format.replace_arrays`): the arrays are staged
+first (a full disk or a read-only cache fails there and changes nothing), then a set of the same
+name is forgotten by the attributes, the files are renamed in, and the attributes name the new
+set last, with the crc32 of each array (checked by ``cache-tools check``).
 """
 from __future__ import annotations
 
@@ -160,10 +161,14 @@ def lattice_attrs(root: str | Path) -> fmt.CacheAttrs:
 
 def forget_set(root: str | Path, name: str) -> None:
     """Drop origin set ``name`` from the attributes (its files, if any, are then ignored)."""
+    fmt.update_attrs(root, lambda a: without_set(a, name))
+
+
+def without_set(attrs: fmt.CacheAttrs, name: str) -> fmt.CacheAttrs:
+    """``attrs`` without origin set ``name`` and its arrays' checksums."""
     arrays = {fmt.origin_set_array(name, part) for part in fmt.ORIGIN_SET_PARTS}
-    fmt.update_attrs(root, lambda a: a.replace(
-        origin_sets={k: v for k, v in a.origin_sets.items() if k != name},
-        metadata_crc32={k: v for k, v in a.metadata_crc32.items() if k not in arrays}))
+    return attrs.replace(origin_sets={k: v for k, v in attrs.origin_sets.items() if k != name},
+                         metadata_crc32={k: v for k, v in attrs.metadata_crc32.items() if k not in arrays})
 
 
 def store_set(root: str | Path, name: str, rows: np.ndarray, centers: np.ndarray,
@@ -181,16 +186,13 @@ def store_set(root: str | Path, name: str, rows: np.ndarray, centers: np.ndarray
     ranges[:, 0] = ranges[:, 1] - counts
     record = fmt.OriginSetRecord(**{**record.to_json(), "origins": int(len(index)),
                                     "structures": int((counts > 0).sum())})
-    if name in fmt.read_attrs(root).origin_sets:
-        forget_set(root, name)  # first: a crash below leaves no set of this name, never a mixed one
-    arrays = {fmt.ORIGIN_SET_CENTER: np.asarray(centers, np.float32)[order],
-              fmt.ORIGIN_SET_STRUCTURE_INDEX: index, fmt.ORIGIN_SET_RANGE: ranges}
-    for part, data in arrays.items():
-        fmt.write_array(root, fmt.origin_set_array(name, part), data)
-    crcs = {fmt.origin_set_array(name, part): fmt.chunk_crc32(root, fmt.origin_set_array(name, part))
-            for part in fmt.ORIGIN_SET_PARTS}
-    fmt.update_attrs(root, lambda a: a.replace(origin_sets={**a.origin_sets, name: record},
-                                               metadata_crc32={**a.metadata_crc32, **crcs}))
+    parts = {fmt.ORIGIN_SET_CENTER: np.asarray(centers, np.float32)[order],
+             fmt.ORIGIN_SET_STRUCTURE_INDEX: index, fmt.ORIGIN_SET_RANGE: ranges}
+    # staged first (a full disk changes nothing), the old record forgotten, files renamed in, named last
+    fmt.replace_arrays(root, {fmt.origin_set_array(name, part): data for part, data in parts.items()},
+                       forget=lambda a: without_set(a, name),
+                       name=lambda a, crcs: a.replace(origin_sets={**a.origin_sets, name: record},
+                                                      metadata_crc32={**a.metadata_crc32, **crcs}))
     return record
 
 
@@ -310,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     except (fmt.CacheError, ValueError) as exc:
         print(f"cache-tools origins: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk, a read-only cache: forgotten first, so whole or absent
+    except OSError as exc:  # a full disk, a read-only cache: staged first, so the old set or none
         unchanged = before is None or fmt.read_attrs(args.cache) == before
         print(f"cache-tools origins: cannot {'delete' if args.delete else 'write'} origin set {args.name!r} in "
               f"{args.cache}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
