@@ -108,7 +108,12 @@ def remove_temporaries(root: str | os.PathLike) -> int:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    publish(path, [json.dumps(obj, indent=1, sort_keys=False).encode("utf-8")])
+    publish(path, [_json_bytes(obj)])
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """How the format writes JSON: indented, keys in the order given."""
+    return json.dumps(obj, indent=1, sort_keys=False).encode("utf-8")
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -196,18 +201,9 @@ def read_array(root: str | os.PathLike, name: str, mmap: bool = True) -> np.ndar
 
 
 def write_array(root: str | os.PathLike, name: str, data: np.ndarray) -> None:
-    """Write a metadata array as one raw chunk plus its zarr.json (data first, then metadata)."""
-    data = np.ascontiguousarray(data)
-    if data.dtype.byteorder == ">":
-        data = data.astype(data.dtype.newbyteorder("<"))
-    adir = Path(root, name)
-    adir.mkdir(parents=True, exist_ok=True)
-    for parent in list(Path(name).parents)[:-1]:  # intermediate groups ("origins", "structures")
-        gpath = Path(root, parent, "zarr.json")
-        if not gpath.exists():
-            write_json_atomic(gpath, group_metadata())
-    publish(single_chunk_path(root, name, data.ndim), [data.tobytes()])
-    write_json_atomic(adir / "zarr.json", array_metadata(data.shape, data.dtype.name))
+    """Write a metadata array as one raw chunk plus its zarr.json (data first, then metadata, then
+    the zarr.json of a group not there yet): :func:`stage_arrays` of one array, committed."""
+    commit(stage_arrays(root, {name: data}))
 
 
 def stage_arrays(root: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list[tuple[Path, Path]]:
@@ -224,11 +220,10 @@ def stage_arrays(root: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list
             chunk = single_chunk_path(root, name, data.ndim)
             groups = [root / parent / "zarr.json" for parent in list(Path(name).parents)[:-1]]
             staged.append(stage(chunk, [data.tobytes()]))
-            staged.append(stage(root / name / "zarr.json",
-                                [json.dumps(array_metadata(data.shape, data.dtype.name), indent=1).encode()]))
-            for group in groups:
+            staged.append(stage(root / name / "zarr.json", [_json_bytes(array_metadata(data.shape, data.dtype.name))]))
+            for group in groups:  # intermediate groups ("origins", "structures")
                 if not group.exists() and group not in [path for _, path in staged]:
-                    staged.append(stage(group, [json.dumps(group_metadata(), indent=1).encode()]))
+                    staged.append(stage(group, [_json_bytes(group_metadata())]))
     except BaseException:
         discard(staged, root)
         raise
