@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_tools import format as fmt
+from cache_tools.commands.split import write_failure
 from cache_tools.commands.options import non_negative_float, non_negative_int, positive_float, positive_int
 
 # The lattice reader (numba kernels) and the rule are imported where they run, so that listing
@@ -313,11 +314,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cache-tools origins: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only cache: staged first, so the old set or none
-        unchanged = before is None or fmt.read_attrs(args.cache) == before
+        outcome = write_failure(exc, before, args.cache, f"origin set {args.name!r}",
+                                lambda a: args.name in a.origin_sets)
         print(f"cache-tools origins: cannot {'delete' if args.delete else 'write'} origin set {args.name!r} in "
-              f"{args.cache}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
-              + ("nothing was changed" if unchanged else f"the cache now has no origin set {args.name!r} (its "
-                 "images and other data are intact): free space and rerun the command"), file=sys.stderr)
+              f"{args.cache}: {outcome}", file=sys.stderr)
         return 1
     print(f"{args.name}: {describe(record)}")
     return 0
