@@ -170,8 +170,7 @@ def save_atoms(root: Path, k: int, source: Path, params, assembly: str, recorded
     if len(atoms) != recorded:
         raise BuildError(f"{source}: parses to {len(atoms)} atoms, the cache recorded "
                          f"{recorded} (parse rules changed?); rebuild the cache instead")
-    write.publish_npz(write.atoms_path(root, k), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
-                      **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
+    write.save_atoms(root, k, atoms)
 
 
 def rebuild_block_shards(root: Path, shards: list[int], sources: dict[int, Path], params, progress: bool) -> None:

@@ -83,8 +83,7 @@ def scan_task(root: str, items: list[tuple[int, str, str]], channels: list[list[
         # Writes into the store stay outside the try: an OSError here (a full disk) is not the
         # file's fault, so it stops the build (resumable) instead of recording the file as failed.
         if reason is None:
-            write.publish_npz(write.atoms_path(root, index), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
-                              **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
+            write.save_atoms(root, index, atoms)
             n = len(centers)
             if snap is not None:
                 centers = snap_centers(centers, snap)  # idempotent for listed centres

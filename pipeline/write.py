@@ -39,6 +39,13 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def save_atoms(root, file_index: int, atoms) -> None:
+    """A parsed structure's atoms where the write tasks read them (``atoms_path``): xyz, channel
+    and, at ``--occupancy weight``, occupancy (the one layout of that file)."""
+    publish_npz(atoms_path(root, file_index), xyz=atoms.xyz, channel=atoms.channel.astype(np.int8),
+                **({} if atoms.occupancy is None else {"occupancy": atoms.occupancy}))
+
+
 def scan_path(root, file_index: int) -> Path:
     return build_dir(root, "scan", f"{file_index}.npz")
 
