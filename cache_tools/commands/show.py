@@ -14,7 +14,8 @@ at the build's origins or an origin set's (``origins``), or the home and neighbo
 ``NeighborPairs`` (``pairs``), each pair's label (the face its neighbor lies on) in its rows.
 
 Reads through the Datasets' public API (``ds[i]``, ``index_of``, ``structure_id``,
-``local_structure``, ``origins_of_structure``) plus the cache attributes; draws with
+``local_structure``, ``origins_of_structure``) plus the cache attributes, and, for a damaged
+origin that cannot be read, its structure and centre from the cache's arrays; draws with
 :mod:`.contact_sheet`.
 """
 from __future__ import annotations
